@@ -1,0 +1,366 @@
+"""Pickle-free, crash-safe checkpoints.
+
+A checkpoint is a directory ``<work_dir>/checkpoints/<name>/``::
+
+    model.safetensors      the model's state_dict (unwrapped; tied tensors stored once each)
+    state.safetensors      every other tensor (optimizer moments, RNG states, hook tensors)
+    state.json             everything else; tensors appear as {"__tensor__": key}
+    rng_<rank>.safetensors / rng_<rank>.json   each process's RNG states
+    manifest.json          written last: size and sha256 of every other file
+
+It is written into ``.tmp-<name>``, fsync'ed, renamed into place, then the ``latest`` pointer
+is replaced atomically; only then may old checkpoints be deleted. Loading runs no code:
+safetensors and JSON only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import ConfigError
+
+MANIFEST = 'manifest.json'
+LATEST = 'latest'
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or does not fit the run."""
+
+
+# ---- tensors <-> JSON --------------------------------------------------------------------
+def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: str = '') -> Any:
+    """Replace every tensor in ``obj`` by ``{"__tensor__": key}``, collecting it in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        key = path or 'tensor'
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {'__tensor__': key}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f'checkpoint key {path}.{k!r} is a {type(k).__name__}; '
+                                      f'only str and int keys can be stored')
+            out[str(k) if isinstance(k, str) else f'__int__{k}'] = split_tensors(v, tensors, f'{path}.{k}'.lstrip('.'))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, tensors, f'{path}.{i}') for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f'cannot store {type(obj).__name__} at checkpoint key {path!r}: only '
+                          f'tensors, numbers, strings, None, lists and dicts are stored (no pickle)')
+
+
+def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(obj, dict):
+        if set(obj) == {'__tensor__'}:
+            return tensors[obj['__tensor__']]
+        return {(int(k[7:]) if k.startswith('__int__') else k): join_tensors(v, tensors)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def model_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors; tensors sharing storage are copied (safetensors refuses aliases)."""
+    out, seen = {}, set()
+    for k, v in state_dict.items():
+        t = v.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = t
+    return out
+
+
+# ---- RNG -------------------------------------------------------------------------------------
+def rng_state() -> tuple[dict, dict]:
+    """(tensors, json) of every RNG this process uses."""
+    tensors = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f'cuda.{i}'] = s
+    version, internal, gauss = random.getstate()
+    meta: dict = {'python': [version, list(internal), gauss]}
+    try:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors['numpy'] = torch.from_numpy(keys.astype('int64'))
+        meta['numpy'] = [name, pos, has_gauss, cached]
+    except ImportError:  # numpy is optional
+        pass
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors['torch'])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith('cuda.'))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta['python']
+    random.setstate((version, tuple(internal), gauss))
+    if 'numpy' in meta and 'numpy' in tensors:
+        import numpy as np
+        name, pos, has_gauss, cached = meta['numpy']
+        np.random.set_state((name, tensors['numpy'].numpy().astype('uint32'), pos, has_gauss, cached))
+
+
+# ---- atomic file writing --------------------------------------------------------------------
+def _write(path: Path, data: bytes) -> dict:
+    with open(path, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_entry(path: Path) -> dict:
+    data = path.read_bytes()
+    return {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+
+
+class CheckpointWriter:
+    """Writes one checkpoint; every rank calls :meth:`write` (collective)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def write(self, ckpt_dir: Path, model_state: dict | None, state: dict) -> Path:
+        acc = self.accelerator
+        rank, main = acc.process_index, acc.is_main_process
+        ckpt_dir = Path(ckpt_dir)
+        tmp = ckpt_dir.parent / f'.tmp-{ckpt_dir.name}'
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash during an earlier save
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng_tensors, rng_meta = rng_state()
+        _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
+        _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
+        acc.wait_for_everyone()
+        if main:
+            files = {}
+            if model_state is not None:
+                files['model.safetensors'] = _write(tmp / 'model.safetensors',
+                                                    st_save(model_tensors(model_state)))
+            tensors: dict = {}
+            doc = split_tensors(state, tensors)
+            doc['format_version'] = FORMAT_VERSION
+            files['state.safetensors'] = _write(tmp / 'state.safetensors', st_save(tensors))
+            files['state.json'] = _write(tmp / 'state.json', json.dumps(doc, indent=1).encode())
+            for r in range(acc.num_processes):
+                for suffix in ('safetensors', 'json'):
+                    name = f'rng_{r}.{suffix}'
+                    files[name] = _file_entry(tmp / name)
+            _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files},
+                                              indent=1).encode())
+            _fsync_dir(tmp)
+            if ckpt_dir.exists():
+                # Same name saved again (e.g. 'last'): move the old one aside, never delete first.
+                old = ckpt_dir.parent / f'.old-{ckpt_dir.name}'
+                if old.exists():
+                    shutil.rmtree(old)
+                os.rename(ckpt_dir, old)
+                os.rename(tmp, ckpt_dir)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, ckpt_dir)
+            _fsync_dir(ckpt_dir.parent)
+            set_latest(ckpt_dir)
+        acc.wait_for_everyone()
+        return ckpt_dir
+
+
+def set_latest(ckpt_dir: Path) -> None:
+    """Atomically point ``<checkpoints>/latest`` at ``ckpt_dir``."""
+    tmp = ckpt_dir.parent / f'.{LATEST}.tmp'
+    _write(tmp, (ckpt_dir.name + '\n').encode())
+    os.replace(tmp, ckpt_dir.parent / LATEST)
+    _fsync_dir(ckpt_dir.parent)
+
+
+# ---- reading ----------------------------------------------------------------------------------
+def verify(ckpt_dir: Path) -> dict[str, bytes]:
+    """Read every file listed in the manifest and check size and sha256; return their bytes."""
+    ckpt_dir = Path(ckpt_dir)
+    mpath = ckpt_dir / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f'{mpath} is missing (the checkpoint was not completely written)')
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest['files']
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f'{mpath} is not a valid manifest: {e}') from None
+    out = {}
+    for name, entry in files.items():
+        if '/' in name or name.startswith('.'):
+            raise CheckpointError(f'{mpath} lists an invalid file name {name!r}')
+        p = ckpt_dir / name
+        if not p.is_file():
+            raise CheckpointError(f'{p} is listed in the manifest but missing')
+        data = p.read_bytes()
+        if len(data) != entry['size'] or hashlib.sha256(data).hexdigest() != entry['sha256']:
+            raise CheckpointError(f'{p} is damaged: size or sha256 differs from {MANIFEST}')
+        out[name] = data
+    return out
+
+
+def read_checkpoint(ckpt_dir: Path, rank: int = 0) -> dict:
+    """Verify and load a checkpoint into a dict: model, state, rng (of ``rank``)."""
+    blobs = verify(ckpt_dir)
+    try:
+        doc = json.loads(blobs['state.json'])
+        state = join_tensors(doc, st_load(blobs['state.safetensors']))
+        model = st_load(blobs['model.safetensors']) if 'model.safetensors' in blobs else None
+        rng = None
+        if f'rng_{rank}.safetensors' in blobs:
+            rng = (st_load(blobs[f'rng_{rank}.safetensors']), json.loads(blobs[f'rng_{rank}.json']))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f'{ckpt_dir}: unreadable checkpoint content: {e}') from None
+    return {'model': model, 'state': state, 'rng': rng, 'path': str(ckpt_dir)}
+
+
+def read_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a checkpoint directory (verified) or a bare ``.safetensors`` file."""
+    path = Path(path)
+    if path.is_dir():
+        blobs = verify(path)
+        if 'model.safetensors' not in blobs:
+            raise CheckpointError(f'{path} holds no model weights')
+        return st_load(blobs['model.safetensors'])
+    if path.suffix == '.safetensors' and path.is_file():
+        return st_load(path.read_bytes())
+    raise CheckpointError(f'{path}: expected a checkpoint directory or a .safetensors file '
+                          f'(pickled .pth/.bin files are refused: loading them can run code)')
+
+
+def candidates(ckpt_root: Path) -> list[Path]:
+    """Checkpoint directories, the ``latest`` pointer's target first, then newest first."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    dirs = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and not p.name.startswith('.')),
+                  key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    latest = ckpt_root / LATEST
+    try:
+        name = latest.read_text().strip()
+        target = ckpt_root / name
+        if name and '/' not in name and target in dirs:
+            dirs.remove(target)
+            dirs.insert(0, target)
+        elif name:
+            warnings.warn(f'{latest} points at {name!r}, which is not a checkpoint here; '
+                          f'using the newest complete checkpoint instead')
+    except (OSError, UnicodeDecodeError):
+        pass
+    return dirs
+
+
+def find_resumable(ckpt_root: Path, rank: int = 0) -> dict:
+    """Load the newest valid checkpoint, skipping damaged ones with a warning naming why."""
+    tried = []
+    for d in candidates(ckpt_root):
+        try:
+            return read_checkpoint(d, rank)
+        except CheckpointError as e:
+            warnings.warn(f'skipping checkpoint {d}: {e}')
+            tried.append(f'{d.name}: {e}')
+    detail = ('; '.join(tried)) if tried else 'no checkpoint directories found'
+    raise CheckpointError(f'resume was requested but {ckpt_root} has no valid checkpoint ({detail}). '
+                          f'Start a fresh run with resume=False, or pass resume=PATH.')
+
+
+def check_weights(module: torch.nn.Module, weights: dict, source: str, strict: bool = True) -> None:
+    """Load ``weights`` into ``module``; in strict mode refuse (loading nothing) on any mismatch."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f'{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}'
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        lines = [f'cannot load weights from {source} into {type(module).__name__} '
+                 f'(nothing was loaded):']
+        if missing:
+            lines.append(f'  missing keys ({len(missing)}): {", ".join(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys ({len(unexpected)}): {", ".join(unexpected)}')
+        if shapes:
+            lines.append(f'  shape mismatches ({len(shapes)}): ' + '; '.join(shapes))
+        lines.append('  Pass strict=False (load_from with strict=False) to load the matching keys only.'
+                     if not shapes else '  Shape mismatches cannot be loaded.')
+        raise CheckpointError('\n'.join(lines))
+    module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+
+
+def resolve_resume(resume: Any) -> bool | Path:
+    if resume in (None, False):
+        return False
+    if resume is True or resume == 'auto':
+        return True
+    if isinstance(resume, (str, os.PathLike)):
+        return Path(resume)
+    raise ConfigError(f'resume must be True, False or a checkpoint path, got {resume!r}')
+
+
+# ---- what the runner saves --------------------------------------------------------------------
+def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: bool = True) -> dict:
+    """The non-model part of a checkpoint, as a dict of JSON values and tensors."""
+    from . import __version__
+    meta = {'scale_runner': __version__, 'torch': torch.__version__,
+            'world_size': runner.accelerator.num_processes, 'seed': runner.seed,
+            'experiment_name': runner.experiment_name,
+            'cfg': _jsonable(runner.cfg.to_dict()) if runner.cfg is not None else None}
+    state = {'meta': meta, 'train_state': runner.state.state_dict(), 'hooks': {}}
+    if save_optimizer and runner.optim_wrapper is not None:
+        state['optimizer'] = runner.optim_wrapper.state_dict()
+        state['optim_wrapper'] = {'update_count': runner.optim_wrapper.update_count}
+    if save_param_scheduler and runner.param_schedulers:
+        state['param_schedulers'] = [s.state_dict() for s in runner.param_schedulers]
+    return state
+
+
+def _jsonable(obj):
+    from .config import _to_plain
+    return json.loads(json.dumps(_to_plain(obj), default=repr))
+
+
+def restore_state(runner, ckpt: dict) -> None:
+    """Apply a checkpoint read by :func:`read_checkpoint` to a runner being resumed."""
+    state = ckpt['state']
+    saved_ws = state.get('meta', {}).get('world_size')
+    if saved_ws is not None and saved_ws != runner.accelerator.num_processes:
+        raise CheckpointError(
+            f'{ckpt["path"]} was saved with world_size={saved_ws} but this run has '
+            f'{runner.accelerator.num_processes} processes: exact resume needs the same number; '
+            f'use load_from={ckpt["path"]!r} to start a new run from its weights instead')
+    runner.state.load_state_dict(state['train_state'])
+    if 'optimizer' in state and runner.optim_wrapper is not None:
+        runner.optim_wrapper.load_state_dict(state['optimizer'])
+        runner.optim_wrapper.update_count = state['optim_wrapper']['update_count']
+    for sched, s in zip(runner.param_schedulers, state.get('param_schedulers', [])):
+        sched.load_state_dict(s)
+    if ckpt['rng'] is not None:
+        set_rng_state(*ckpt['rng'])

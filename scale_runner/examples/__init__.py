@@ -1,0 +1,1 @@
+"""Small, dependency-free example components used by the configs in ``configs/``."""

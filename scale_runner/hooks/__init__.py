@@ -1,0 +1,9 @@
+"""Hooks: the base class and the built-in hooks."""
+from .checkpoint_hook import CheckpointHook
+from .hook import PRIORITIES, STAGES, Hook, get_priority
+from .iter_timer_hook import IterTimerHook
+from .logger_hook import LoggerHook
+from .param_scheduler_hook import ParamSchedulerHook
+
+__all__ = ['Hook', 'PRIORITIES', 'STAGES', 'get_priority', 'CheckpointHook', 'IterTimerHook',
+           'LoggerHook', 'ParamSchedulerHook']

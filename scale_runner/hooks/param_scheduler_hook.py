@@ -1,0 +1,33 @@
+"""ParamSchedulerHook: steps the parameter schedulers once per optimizer update / epoch."""
+from __future__ import annotations
+
+from ..registry import HOOKS
+from .hook import Hook
+
+
+@HOOKS.register_module()
+class ParamSchedulerHook(Hook):
+    """Iteration schedulers step after every optimizer *update* (not every micro-batch, and
+    once whatever the number of processes); epoch schedulers after every epoch."""
+
+    priority = 'LOW'
+
+    def __init__(self):
+        self._seen_updates = 0
+
+    def before_train(self, runner) -> None:
+        self._seen_updates = runner.optim_wrapper.update_count
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        updates = runner.optim_wrapper.update_count
+        if updates == self._seen_updates:
+            return
+        self._seen_updates = updates
+        for s in runner.param_schedulers:
+            if not s.by_epoch:
+                s.step()
+
+    def after_train_epoch(self, runner) -> None:
+        for s in runner.param_schedulers:
+            if s.by_epoch:
+                s.step()

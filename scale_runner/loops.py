@@ -1,0 +1,232 @@
+"""``BaseLoop`` and the built-in train/val/test loops.
+
+Counters live in ``runner.state`` and count completed work: they advance before the
+matching ``after_*`` hook, so no hook ever computes ``iter + 1``.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from .data import get_sampler
+from .errors import ConfigError
+from .model import eval_step, train_step
+from .registry import LOOPS
+
+
+class BaseLoop:
+    """A loop over ``dataloader`` (a config dict is built through the runner).
+
+    ``run_iter(idx, data_batch)`` runs one step in the loop's ``mode`` and returns the outputs;
+    ``run()`` calls the hooks around it. Subclasses with an evaluator default to ``'val'`` mode.
+    """
+
+    mode: str | None = None
+
+    def __init__(self, runner, dataloader: Any, evaluator: Any = None):
+        self._runner = runner
+        self.dataloader = runner.build_dataloader(dataloader) if isinstance(dataloader, dict) else dataloader
+        if evaluator is not None:
+            evaluator = runner.build_evaluator(evaluator)
+        self.evaluator = evaluator
+
+    @property
+    def runner(self):
+        return self._runner
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def run_iter(self, idx: int, data_batch: Any) -> Any:
+        mode = self.mode or 'val'
+        model = self.runner.model
+        if mode == 'train':
+            if not model.training:
+                model.train()
+            return train_step(model, data_batch, self.runner.optim_wrapper)
+        if model.training:
+            model.eval()
+        with torch.no_grad():
+            outputs = eval_step(model, data_batch, mode)
+        if self.evaluator is not None:
+            self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        return outputs
+
+
+class _TrainLoop(BaseLoop):
+    """Shared parts of the two train loops: validation schedule and resume position."""
+
+    mode = 'train'
+
+    def __init__(self, runner, dataloader, val_begin: int, val_interval: int,
+                 dynamic_intervals: list | None):
+        super().__init__(runner, dataloader)
+        self.val_begin = val_begin
+        self.val_interval = val_interval
+        self.stop_training = False
+        self.last_val_metrics: dict = {}
+        pairs = sorted(dynamic_intervals or [])
+        self._milestones = [int(m) for m, _ in pairs]
+        self._intervals = [int(i) for _, i in pairs]
+
+    def _update_val_interval(self, progress: int) -> None:
+        i = bisect.bisect_right(self._milestones, progress)
+        if i:
+            self.val_interval = self._intervals[i - 1]
+
+    def _validate_if_due(self, progress: int, last: int) -> None:
+        self._update_val_interval(progress)
+        val_loop = self.runner.val_loop
+        if (val_loop is not None and progress >= self.val_begin and self.val_interval > 0
+                and (progress % self.val_interval == 0 or progress == last)):
+            self.last_val_metrics = val_loop.run()
+
+    def run_iter(self, idx: int, data_batch: Any) -> Any:
+        runner, state = self.runner, self.runner.state
+        runner.call_hook('before_train_iter', batch_idx=idx, data_batch=data_batch)
+        outputs = BaseLoop.run_iter(self, idx, data_batch)
+        state.iter += 1
+        state.inner_iter = idx + 1
+        runner.call_hook('after_train_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)
+        return outputs
+
+    def _start_at(self, batches_done: int) -> None:
+        """Make the next pass over the dataloader skip ``batches_done`` batches, unread."""
+        if not batches_done:
+            return
+        sampler = get_sampler(self.dataloader)
+        per_batch = getattr(self.dataloader, 'total_batch_size', None) or self.dataloader.batch_size
+        if sampler is None or not hasattr(sampler, 'set_start') or per_batch is None:
+            raise ConfigError('resuming mid-epoch needs a sampler with set_start() (DefaultSampler '
+                              'or InfiniteSampler) and a fixed batch_size in the train dataloader')
+        sampler.set_start(batches_done * per_batch)
+
+    def _set_epoch(self, epoch: int) -> None:
+        sampler = get_sampler(self.dataloader)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+
+
+@LOOPS.register_module()
+class EpochBasedTrainLoop(_TrainLoop):
+    """Train for ``max_epochs`` passes; validate after epochs ``val_begin, +val_interval, ...``
+    and after the last one. ``dynamic_intervals=[(epoch, interval), ...]`` changes the interval.
+    ``stop_training`` is checked at epoch boundaries."""
+
+    def __init__(self, runner, dataloader, max_epochs: int, val_begin: int = 1,
+                 val_interval: int = 1, dynamic_intervals: list | None = None):
+        super().__init__(runner, dataloader, val_begin, val_interval, dynamic_intervals)
+        if not isinstance(max_epochs, int) or max_epochs < 1:
+            raise ConfigError(f'train_cfg.max_epochs must be a positive int, got {max_epochs!r}')
+        state = runner.state
+        state.max_epochs = max_epochs
+        state.max_iters = max_epochs * len(self.dataloader)
+
+    def run(self) -> torch.nn.Module:
+        runner, state = self.runner, self.runner.state
+        runner.call_hook('before_train')
+        while state.epoch < state.max_epochs and not self.stop_training:
+            self.run_epoch()
+            self._validate_if_due(state.epoch, state.max_epochs)
+        runner.call_hook('after_train')
+        return runner.model
+
+    def run_epoch(self) -> None:
+        runner, state = self.runner, self.runner.state
+        self._set_epoch(state.epoch)
+        runner.call_hook('before_train_epoch')
+        self._start_at(state.inner_iter)
+        for idx, data_batch in enumerate(self.dataloader, start=state.inner_iter):
+            self.run_iter(idx, data_batch)
+        state.epoch += 1
+        state.inner_iter = 0
+        runner.call_hook('after_train_epoch')
+
+
+
+@LOOPS.register_module()
+class IterBasedTrainLoop(_TrainLoop):
+    """Train for ``max_iters`` iterations, cycling through the dataloader (each pass advances
+    ``runner.epoch``); validate every ``val_interval`` iterations from ``val_begin`` and at the
+    end. ``stop_training`` is checked after every iteration."""
+
+    def __init__(self, runner, dataloader, max_iters: int, val_begin: int = 1,
+                 val_interval: int = 1000, dynamic_intervals: list | None = None):
+        super().__init__(runner, dataloader, val_begin, val_interval, dynamic_intervals)
+        if not isinstance(max_iters, int) or max_iters < 1:
+            raise ConfigError(f'train_cfg.max_iters must be a positive int, got {max_iters!r}')
+        runner.state.max_iters = max_iters
+        runner.state.max_epochs = None
+
+    def run(self) -> torch.nn.Module:
+        runner, state = self.runner, self.runner.state
+        runner.call_hook('before_train')
+        self._set_epoch(state.epoch)
+        runner.call_hook('before_train_epoch')
+        batches = self._batches()
+        while state.iter < state.max_iters and not self.stop_training:
+            idx, data_batch = next(batches)
+            self.run_iter(idx, data_batch)
+            self._validate_if_due(state.iter, state.max_iters)
+        runner.call_hook('after_train_epoch')
+        runner.call_hook('after_train')
+        return runner.model
+
+    def _batches(self):
+        """Endless ``(batch_idx, batch)`` pairs; a new pass bumps ``epoch`` and reshuffles."""
+        state = self.runner.state
+        self._start_at(state.inner_iter)
+        while True:
+            yielded = False
+            for idx, data_batch in enumerate(self.dataloader, start=state.inner_iter):
+                yielded = True
+                yield idx, data_batch
+            if not yielded:
+                raise ConfigError('the train dataloader is empty: check train_dataloader.dataset '
+                                  'and batch_size / drop_last')
+            state.epoch += 1
+            state.inner_iter = 0
+            self._set_epoch(state.epoch)
+
+
+class _EvalLoop(BaseLoop):
+    def __init__(self, runner, dataloader, evaluator):
+        super().__init__(runner, dataloader, evaluator)
+        if self.evaluator is None:
+            raise ConfigError(f'{self.mode}_evaluator is missing: the {self.mode} loop needs metrics')
+
+    def run(self) -> dict:
+        runner, stage = self.runner, self.mode
+        runner.call_hook(f'before_{stage}')
+        runner.call_hook(f'before_{stage}_epoch')
+        for idx, data_batch in enumerate(self.dataloader):
+            runner.call_hook(f'before_{stage}_iter', batch_idx=idx, data_batch=data_batch)
+            outputs = self.run_iter(idx, data_batch)
+            runner.call_hook(f'after_{stage}_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)
+        metrics = self.evaluator.evaluate(_dataset_size(self.dataloader))
+        runner.call_hook(f'after_{stage}_epoch', metrics=metrics)
+        runner.call_hook(f'after_{stage}')
+        return metrics
+
+
+def _dataset_size(dataloader) -> int | None:
+    try:
+        return len(dataloader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+@LOOPS.register_module()
+class ValLoop(_EvalLoop):
+    """One pass over the validation data; returns the evaluator's metrics."""
+
+    mode = 'val'
+
+
+@LOOPS.register_module()
+class TestLoop(_EvalLoop):
+    """One pass over the test data; returns the evaluator's metrics."""
+
+    mode = 'test'

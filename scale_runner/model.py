@@ -1,0 +1,104 @@
+"""The model contract: MMEngine's ``BaseModel`` and adapters that train any ``nn.Module``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def run_forward(module: nn.Module, data: Any, **kwargs) -> Any:
+    """Call ``module`` on a batch: a dict as ``module(**data)``, a list/tuple as ``module(*data)``."""
+    if isinstance(data, dict):
+        return module(**data, **kwargs)
+    if isinstance(data, (list, tuple)):
+        return module(*data, **kwargs)
+    return module(data, **kwargs)
+
+
+def parse_losses(outputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return ``(loss, log_vars)`` from a tensor, a dict of losses or an object with ``.loss``.
+
+    In a dict every key containing ``'loss'`` is summed (a list of tensors is summed first);
+    the other tensor entries are logged as they are.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs, {'loss': outputs.detach()}
+    if isinstance(outputs, dict) or hasattr(outputs, 'keys'):
+        log_vars, total = {}, None
+        for key, value in outputs.items():
+            if isinstance(value, (list, tuple)):
+                value = sum(v.mean() for v in value)
+            if 'loss' in key:
+                total = value if total is None else total + value
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                log_vars[key] = value.detach()
+        if total is None:
+            raise TypeError(f'the model returned a dict with keys {list(outputs.keys())} but none '
+                            f"contains 'loss'; return a loss tensor or a dict with a 'loss' key")
+        if len([k for k in outputs.keys() if 'loss' in k]) > 1:
+            log_vars['loss'] = total.detach()
+        return total, log_vars
+    loss = getattr(outputs, 'loss', None)
+    if isinstance(loss, torch.Tensor):
+        return loss, {'loss': loss.detach()}
+    raise TypeError(f'cannot find a loss in the model output of type {type(outputs).__name__}: '
+                    f"return a tensor, a dict with 'loss' keys, or an object with a .loss attribute")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The user's module inside DDP / compile wrappers."""
+    while True:
+        inner = getattr(module, 'module', None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, '_orig_mod', None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+class BaseModel(nn.Module):
+    """MMEngine's model contract: ``forward(inputs, data_samples=None, mode=...)``.
+
+    ``mode='loss'`` returns a loss tensor or a dict of losses, ``'predict'`` predictions for the
+    evaluator, ``'tensor'`` raw outputs. Override ``train_step``/``val_step``/``test_step`` for
+    anything unusual (GANs, several optimizers).
+    """
+
+    def forward(self, inputs, data_samples=None, mode: str = 'tensor'):  # pragma: no cover
+        raise NotImplementedError
+
+    def train_step(self, data, optim_wrapper) -> dict:
+        # Forward through the prepared (e.g. DDP) model so gradients are synchronized.
+        with optim_wrapper.optim_context(self):
+            losses = run_forward(optim_wrapper.model or self, data, mode='loss')
+        loss, log_vars = parse_losses(losses)
+        optim_wrapper.update_params(loss)
+        return log_vars
+
+    def val_step(self, data) -> Any:
+        return run_forward(self, data, mode='predict')
+
+    def test_step(self, data) -> Any:
+        return run_forward(self, data, mode='predict')
+
+
+def train_step(model: nn.Module, data: Any, optim_wrapper) -> dict:
+    """One training step of ``model`` (as prepared), whatever kind of module it is."""
+    core = unwrap(model)
+    if hasattr(core, 'train_step'):
+        return core.train_step(data, optim_wrapper)
+    with optim_wrapper.optim_context(model):
+        outputs = run_forward(model, data)
+    loss, log_vars = parse_losses(outputs)
+    optim_wrapper.update_params(loss)
+    return log_vars
+
+
+def eval_step(model: nn.Module, data: Any, mode: str = 'val') -> Any:
+    """One validation/test step: ``val_step``/``test_step`` if defined, else a forward call."""
+    core = unwrap(model)
+    step = getattr(core, f'{mode}_step', None)
+    if step is not None:
+        return step(data)
+    return run_forward(model, data)

@@ -1,0 +1,165 @@
+"""``OptimWrapper``: backward, gradient accumulation, clipping and stepping on Accelerate."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .registry import OPTIM_WRAPPERS, OPTIMIZERS
+
+
+@OPTIM_WRAPPERS.register_module()
+class OptimWrapper:
+    """Wraps an optimizer with MMEngine's ``update_params`` contract.
+
+    Gradient accumulation has one source of truth, ``accumulative_counts``: the wrapper decides
+    which micro-batches update, skips the DDP all-reduce on the others (``accelerator.no_sync``)
+    and sets Accelerate's ``sync_gradients`` to match, so clipping, scheduler steps and logging
+    gate on the same flag. The last, partial window of a run is weighted like a full one.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, accumulative_counts: int = 1,
+                 clip_grad: dict | None = None):
+        if not isinstance(accumulative_counts, int) or accumulative_counts < 1:
+            raise ConfigError(f'optim_wrapper.accumulative_counts must be a positive int, '
+                              f'got {accumulative_counts!r}')
+        if clip_grad is not None:
+            clip_grad = dict(clip_grad)
+            unknown = set(clip_grad) - {'max_norm', 'norm_type', 'clip_value'}
+            if unknown or not ({'max_norm', 'clip_value'} & set(clip_grad)):
+                raise ConfigError(f'optim_wrapper.clip_grad must be dict(max_norm=..., norm_type=2) '
+                                  f'or dict(clip_value=...), got {clip_grad!r}')
+        self.optimizer = optimizer
+        self.accumulative_counts = accumulative_counts
+        self.clip_grad = clip_grad
+        self.accelerator = None
+        self.model = None  # the prepared model, set by bind()
+        self._inner_count = 0
+        self._max_counts: int | None = None
+        self.update_count = 0  # optimizer updates done
+        self.grad_norm: float | None = None
+
+    def bind(self, accelerator, model) -> None:
+        """Attach the Accelerator and the prepared model (done by the runner after prepare)."""
+        self.accelerator = accelerator
+        self.model = model
+
+    # ---- accumulation bookkeeping ---------------------------------------------------------
+    def initialize_count_status(self, model, init_counts: int, max_counts: int | None) -> None:
+        self._inner_count = init_counts
+        self._max_counts = max_counts
+
+    def should_update(self) -> bool:
+        """Whether the current micro-batch ends an accumulation window."""
+        n = self._inner_count + 1
+        return n % self.accumulative_counts == 0 or (self._max_counts is not None and n >= self._max_counts)
+
+    def _loss_factor(self) -> int:
+        counts = self.accumulative_counts
+        if counts == 1 or self._max_counts is None:
+            return counts
+        # Samples in the last window are weighted like those of a full window.
+        tail = self._max_counts % counts
+        if tail and self._inner_count >= self._max_counts - tail:
+            return tail
+        return counts
+
+    @contextlib.contextmanager
+    def optim_context(self, model):
+        """Forward/backward context: no gradient all-reduce on non-updating micro-batches."""
+        sync = self.should_update()
+        acc = self.accelerator
+        if acc is None or sync or self.accumulative_counts == 1:
+            if acc is not None:
+                acc.gradient_state._set_sync_gradients(True)
+            yield
+            return
+        acc.gradient_state._set_sync_gradients(False)
+        with acc.no_sync(self.model if self.model is not None else model):
+            yield
+
+    # ---- the MMEngine API ----------------------------------------------------------------
+    def update_params(self, loss: torch.Tensor, step_kwargs=None, zero_kwargs=None) -> None:
+        factor = self._loss_factor()
+        if factor != 1:
+            loss = loss / factor
+        self.backward(loss)
+        if self.should_update():
+            self.step(**(step_kwargs or {}))
+            self.zero_grad(**(zero_kwargs or {}))
+        self._inner_count += 1
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        if self.accelerator is None:
+            loss.backward(**kwargs)
+        else:
+            self.accelerator.backward(loss, **kwargs)
+
+    def step(self, **kwargs) -> None:
+        if self.clip_grad is not None:
+            self._clip()
+        self.optimizer.step(**kwargs)
+        self.update_count += 1
+
+    def zero_grad(self, **kwargs) -> None:
+        self.optimizer.zero_grad(**kwargs)
+
+    def _clip(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g['params']]
+        if 'clip_value' in self.clip_grad:
+            if self.accelerator is None:
+                torch.nn.utils.clip_grad_value_(params, self.clip_grad['clip_value'])
+            else:
+                self.accelerator.clip_grad_value_(params, self.clip_grad['clip_value'])
+            return
+        max_norm, norm_type = self.clip_grad['max_norm'], self.clip_grad.get('norm_type', 2)
+        if self.accelerator is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        else:
+            norm = self.accelerator.clip_grad_norm_(params, max_norm, norm_type)
+        self.grad_norm = norm  # a tensor: read lazily by the logger to avoid a device sync
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def get_lr(self) -> dict[str, list[float]]:
+        return {'lr': [g['lr'] for g in self.optimizer.param_groups]}
+
+    def get_momentum(self) -> dict[str, list[float]]:
+        out = []
+        for g in self.optimizer.param_groups:
+            out.append(g['betas'][0] if 'betas' in g else g.get('momentum', 0.0))
+        return {'momentum': out}
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(optimizer={type(self.optimizer).__name__}, '
+                f'accumulative_counts={self.accumulative_counts}, clip_grad={self.clip_grad})')
+
+
+def build_optim_wrapper(cfg: Any, model: torch.nn.Module) -> OptimWrapper:
+    """Build ``optim_wrapper=dict(optimizer=dict(type='AdamW', lr=...), clip_grad=..., ...)``."""
+    if isinstance(cfg, OptimWrapper):
+        return cfg
+    if isinstance(cfg, torch.optim.Optimizer):
+        return OptimWrapper(cfg)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f'optim_wrapper must be a dict or an OptimWrapper, got {type(cfg).__name__}')
+    cfg = dict(cfg)
+    cfg.setdefault('type', 'OptimWrapper')
+    optimizer = cfg.get('optimizer')
+    if optimizer is None:
+        raise ConfigError("optim_wrapper.optimizer is missing: e.g. "
+                          "optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3))")
+    if isinstance(optimizer, dict):
+        cfg['optimizer'] = OPTIMIZERS.build(optimizer, _cfg_path='optim_wrapper.optimizer',
+                                            params=model.parameters())
+    return OPTIM_WRAPPERS.build(cfg, _cfg_path='optim_wrapper')

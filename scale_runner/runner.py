@@ -1,0 +1,356 @@
+"""``Runner``: builds what an entry point needs, lazily, and drives its loop with hooks."""
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (CheckpointWriter, check_weights, collect_state, find_resumable,
+                         read_checkpoint, read_model_weights, resolve_resume, restore_state)
+from .config import Config
+from .errors import ConfigError, edit_distance
+from .hooks.hook import STAGES, bind_point, check_hook_points, get_priority
+from .logs import LogBuffer, close_logger, make_logger
+from .registry import HOOKS, LOOPS, MODELS, RUNNERS
+from .state import TrainState
+
+DEFAULT_HOOKS = {
+    'timer': dict(type='IterTimerHook'),
+    'logger': dict(type='LoggerHook'),
+    'param_scheduler': dict(type='ParamSchedulerHook'),
+    'checkpoint': dict(type='CheckpointHook'),
+}
+# What each entry point needs: (dataloader, loop config, evaluator or optimizer).
+NEEDS = {'train': ('train_dataloader', 'train_cfg', 'optim_wrapper'),
+         'val': ('val_dataloader', 'val_cfg', 'val_evaluator'),
+         'test': ('test_dataloader', 'test_cfg', 'test_evaluator')}
+
+
+@RUNNERS.register_module()
+class Runner:
+    """MMEngine's runner on Hugging Face Accelerate. Every argument is a config dict or a
+    built object; nothing of train/val/test is built until that entry point runs."""
+
+    def __init__(self, model, work_dir, train_dataloader=None, val_dataloader=None,
+                 test_dataloader=None, train_cfg=None, val_cfg=None, test_cfg=None,
+                 optim_wrapper=None, param_scheduler=None, val_evaluator=None, test_evaluator=None,
+                 default_hooks=None, custom_hooks=None, load_from=None, resume=False,
+                 accelerator=None, randomness=None, experiment_name=None, log_level='INFO',
+                 cfg=None):
+        if model is None:
+            raise ConfigError('model is required: a module or dict(type=..., ...) from MODELS')
+        self.cfg = cfg if cfg is None or isinstance(cfg, Config) else Config(cfg)
+        self.work_dir = Path(work_dir).expanduser().resolve()
+        self._parts = dict(train_dataloader=train_dataloader, val_dataloader=val_dataloader,
+                           test_dataloader=test_dataloader, train_cfg=train_cfg, val_cfg=val_cfg,
+                           test_cfg=test_cfg, optim_wrapper=optim_wrapper, val_evaluator=val_evaluator,
+                           test_evaluator=test_evaluator)
+        self._model_cfg = model
+        self._param_scheduler_cfg = param_scheduler
+        self._default_hooks_cfg = default_hooks
+        self._custom_hooks_cfg = custom_hooks
+        self._accelerator_cfg = accelerator
+        self._randomness_cfg = randomness
+        self._resume = resolve_resume(resume)
+        self.load_from = load_from
+        self.experiment_name = experiment_name
+        self.log_level = log_level
+        self.state = TrainState()
+        self.log_buffer = LogBuffer()
+        self.accelerator = self.logger = self.seed = None
+        self.model = model if not isinstance(model, dict) else None
+        self.optim_wrapper = None
+        self.param_schedulers: list = []
+        self.train_loop = self.val_loop = self.test_loop = None
+        self._hooks: list = []
+        self._hook_cache: dict[str, list] = {}
+        self._prepared_model = False
+        self._hooks_registered = False
+
+    # ---- construction from config ------------------------------------------------------------
+    @classmethod
+    def from_cfg(cls, cfg: dict | Config) -> 'Runner':
+        cfg = cfg if isinstance(cfg, Config) else Config(cfg)
+        names = [p for p in inspect.signature(cls.__init__).parameters if p not in ('self', 'cfg')]
+        for key in cfg:
+            if key in names or key.startswith('_') or key in ('runner_type', 'custom_imports'):
+                continue
+            near = [n for n in names if edit_distance(key, n) <= (1 if len(n) <= 5 else 2)]
+            if near:
+                raise ConfigError(f'top-level config key {key!r} is not a runner argument: did you '
+                                  f'mean {near[0]!r}? (rename it, or prefix a helper variable with _)')
+        if 'work_dir' not in cfg:
+            raise ConfigError('work_dir is not set: add work_dir=... to the config or pass --work-dir')
+        return cls(**{k: cfg[k] for k in names if k in cfg}, cfg=cfg)
+
+    # ---- counters (one state object, see TrainState) -------------------------------------------
+    epoch = property(lambda self: self.state.epoch)
+    iter = property(lambda self: self.state.iter)
+    inner_iter = property(lambda self: self.state.inner_iter)
+    max_epochs = property(lambda self: self.state.max_epochs)
+    max_iters = property(lambda self: self.state.max_iters)
+    checkpoint_dir = property(lambda self: self.work_dir / 'checkpoints')
+
+    # ---- environment ------------------------------------------------------------------------
+    def setup_env(self) -> None:
+        """Create the Accelerator (distributed init) and seed every RNG."""
+        from .env import build_accelerator, check_randomness, set_randomness
+        randomness = check_randomness(self._randomness_cfg)
+        self.accelerator = build_accelerator(self._accelerator_cfg)
+        self.seed = set_randomness(self.accelerator, **randomness)
+
+    def _setup(self) -> None:
+        """Work dir, environment, logging, model and hooks: done once, by the first entry point."""
+        if self.accelerator is not None:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.setup_env()
+        acc = self.accelerator
+        if self.experiment_name is None:
+            stamp = [time.strftime('%Y%m%d_%H%M%S')]
+            if acc.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+                broadcast_object_list(stamp)
+            self.experiment_name = stamp[0]
+        self.log_dir = self.work_dir / self.experiment_name
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = self.log_dir / (f'{self.experiment_name}.log' if acc.is_main_process
+                                   else f'{self.experiment_name}.rank{acc.process_index}.log')
+        self.logger = make_logger(f'{self.experiment_name}.{id(self)}', log_file, self.log_level,
+                                  acc.is_main_process)
+        self.logger.info(f'distributed: {acc.distributed_type}, processes: {acc.num_processes}, '
+                         f'device: {acc.device}, precision: {acc.mixed_precision}, seed: {self.seed}')
+        if self.cfg is not None and acc.is_main_process:
+            self.cfg.dump(self.log_dir / 'config.py')
+        if self.model is None:
+            self.model = MODELS.build(self._model_cfg, _cfg_path='model')
+        self.register_hooks(self._default_hooks_cfg, self._custom_hooks_cfg)
+
+    def _require(self, stage: str) -> None:
+        missing = [k for k in NEEDS[stage] if self._parts[k] is None]
+        if missing:
+            raise ConfigError(f'{stage}() needs {", ".join(NEEDS[stage])}; missing: '
+                              f'{", ".join(missing)}. Add them to the config (or the Runner call).')
+
+    def _prepare_model(self, *extra):
+        if not self._prepared_model:
+            self._load_weights()
+            out = self.accelerator.prepare(self.model, *extra)
+            self.model, extra = (out[0], out[1:]) if extra else (out, ())
+            self._prepared_model = True
+        elif extra:
+            extra = self.accelerator.prepare(*extra)
+            extra = extra if isinstance(extra, tuple) else (extra,)
+        return extra
+
+    # ---- builders ---------------------------------------------------------------------------
+    def build_dataloader(self, cfg: Any, where: str = 'dataloader'):
+        """Build a dataloader from a config dict and shard it with the Accelerator."""
+        from .data import build_dataloader
+        loader = build_dataloader(cfg, seed=self.seed or 0, where=where,
+                                  rank=self.accelerator.process_index if self.accelerator else 0)
+        return self.accelerator.prepare(loader) if self.accelerator is not None else loader
+
+    def build_evaluator(self, cfg: Any, where: str = 'evaluator'):
+        from .evaluation import build_evaluator
+        evaluator = build_evaluator(cfg, where)
+        if self.accelerator is not None:
+            evaluator.bind(self.accelerator)
+        return evaluator
+
+    def build_train_loop(self, cfg: Any):
+        if not isinstance(cfg, dict):
+            return cfg
+        cfg = dict(cfg)
+        if 'type' not in cfg:
+            by_epoch = cfg.pop('by_epoch', 'max_iters' not in cfg)
+            cfg['type'] = 'EpochBasedTrainLoop' if by_epoch else 'IterBasedTrainLoop'
+        else:
+            cfg.pop('by_epoch', None)
+        loader = self.build_dataloader(self._parts['train_dataloader'], 'train_dataloader')
+        return LOOPS.build(cfg, _cfg_path='train_cfg', runner=self, dataloader=loader)
+
+    def build_eval_loop(self, stage: str):
+        cfg = self._parts[f'{stage}_cfg']
+        if not isinstance(cfg, dict):
+            return cfg
+        cfg = dict(cfg)
+        cfg.setdefault('type', 'ValLoop' if stage == 'val' else 'TestLoop')
+        loader = self.build_dataloader(self._parts[f'{stage}_dataloader'], f'{stage}_dataloader')
+        evaluator = self.build_evaluator(self._parts[f'{stage}_evaluator'], f'{stage}_evaluator')
+        return LOOPS.build(cfg, _cfg_path=f'{stage}_cfg', runner=self, dataloader=loader,
+                           evaluator=evaluator)
+
+    # ---- entry points -------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Train; return the last validation metrics (``{}`` without validation)."""
+        self._require('train')
+        val_parts = [self._parts[k] is not None for k in NEEDS['val']]
+        if any(val_parts) and not all(val_parts):
+            missing = [k for k, ok in zip(NEEDS['val'], val_parts) if not ok]
+            raise ConfigError(f'validation during training needs {", ".join(NEEDS["val"])}; missing: '
+                              f'{", ".join(missing)} (or remove the others to train without it)')
+        self._setup()
+        from .optim import build_optim_wrapper
+        from .schedulers import build_param_schedulers
+        self.train_loop = self.build_train_loop(self._parts['train_cfg'])
+        self.optim_wrapper = build_optim_wrapper(self._parts['optim_wrapper'], self.model)
+        self.param_schedulers = build_param_schedulers(
+            self._param_scheduler_cfg, self.optim_wrapper.optimizer, _safe_len(self.train_loop.dataloader))
+        (self.optim_wrapper.optimizer,) = self._prepare_model(self.optim_wrapper.optimizer)
+        self.optim_wrapper.bind(self.accelerator, self.model)
+        if all(val_parts) and self.val_loop is None:
+            self.val_loop = self.build_eval_loop('val')
+        self.call_hook('before_run')
+        try:
+            self._resume_if_asked()
+            self.optim_wrapper.initialize_count_status(self.model, self.state.iter, self.state.max_iters)
+            self.train_loop.run()
+            return self.train_loop.last_val_metrics
+        finally:
+            self.call_hook('after_run')
+
+    def val(self) -> dict:
+        return self._evaluate('val')
+
+    def test(self) -> dict:
+        return self._evaluate('test')
+
+    def _evaluate(self, stage: str) -> dict:
+        self._require(stage)
+        self._setup()
+        self._prepare_model()
+        loop = getattr(self, f'{stage}_loop') or self.build_eval_loop(stage)
+        setattr(self, f'{stage}_loop', loop)
+        self.call_hook('before_run')
+        try:
+            return loop.run()
+        finally:
+            self.call_hook('after_run')
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike, save_optimizer: bool = True,
+                        save_param_scheduler: bool = True) -> Path:
+        """Write a checkpoint directory (collective: every rank calls it)."""
+        state = collect_state(self, save_optimizer, save_param_scheduler)
+        self.call_hook('before_save_checkpoint', checkpoint=state)
+        model_state = self.accelerator.get_state_dict(self.model)
+        path = CheckpointWriter(self.accelerator).write(Path(path), model_state, state)
+        self.logger.info(f'saved checkpoint {path}')
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
+        """Load model weights only (``load_from``)."""
+        from .model import unwrap
+        check_weights(unwrap(self.model), read_model_weights(Path(path)), str(path), strict)
+        self.logger.info(f'loaded weights from {path}')
+
+    def _load_weights(self) -> None:
+        if self.load_from is not None and not self._resume:
+            self.load_checkpoint(self.load_from)
+
+    def _resume_if_asked(self) -> None:
+        if not self._resume:
+            return
+        rank = self.accelerator.process_index
+        if self._resume is True:
+            ckpt = find_resumable(self.checkpoint_dir, rank)
+        else:
+            ckpt = read_checkpoint(self._resume, rank)
+        from .model import unwrap
+        check_weights(unwrap(self.model), ckpt['model'], ckpt['path'])
+        restore_state(self, ckpt)
+        self.call_hook('after_load_checkpoint', checkpoint=ckpt['state'])
+        self.logger.info(f'resumed from {ckpt["path"]} at epoch {self.epoch}, iter {self.iter}')
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def register_hook(self, hook: Any, priority: int | str | None = None) -> None:
+        """Add a hook (or a hook config dict); equal priorities keep registration order."""
+        if isinstance(hook, dict):
+            hook = dict(hook)
+            priority = hook.pop('priority', priority)
+            hook = HOOKS.build(hook, _cfg_path='custom_hooks')
+        check_hook_points(hook)
+        hook.priority = get_priority(hook.priority if priority is None else priority,
+                                     f'{type(hook).__name__}.priority')
+        pos = len(self._hooks)
+        while pos and self._hooks[pos - 1].priority > hook.priority:
+            pos -= 1
+        self._hooks.insert(pos, hook)
+        self._hook_cache.clear()
+
+    def register_hooks(self, default_hooks: dict | None = None, custom_hooks: list | None = None) -> None:
+        if self._hooks_registered:
+            return
+        self._hooks_registered = True
+        merged = dict(DEFAULT_HOOKS)
+        for name, cfg in (default_hooks or {}).items():
+            if cfg is None:
+                merged.pop(name, None)
+            elif isinstance(cfg, dict) and 'type' not in cfg:
+                if name not in DEFAULT_HOOKS:
+                    raise ConfigError(f'default_hooks.{name} has no type and is not a default hook '
+                                      f'({", ".join(DEFAULT_HOOKS)}): add type=...')
+                merged[name] = {**DEFAULT_HOOKS[name], **cfg}
+            else:
+                merged[name] = cfg
+        for name, cfg in merged.items():
+            if isinstance(cfg, dict):
+                cfg = dict(cfg)
+                prio = cfg.pop('priority', None)
+                cfg = HOOKS.build(cfg, _cfg_path=f'default_hooks.{name}')
+                self.register_hook(cfg, prio)
+            else:
+                self.register_hook(cfg)
+        for i, cfg in enumerate(custom_hooks or []):
+            if isinstance(cfg, dict):
+                cfg = dict(cfg)
+                prio = cfg.pop('priority', None)
+                self.register_hook(HOOKS.build(cfg, _cfg_path=f'custom_hooks[{i}]'), prio)
+            else:
+                self.register_hook(cfg)
+
+    @property
+    def hooks(self) -> list:
+        return list(self._hooks)
+
+    def get_hook(self, name: str):
+        return next((h for h in self._hooks if type(h).__name__ == name), None)
+
+    def call_hook(self, fn_name: str, **kwargs) -> None:
+        """Call ``fn_name`` on every hook that implements it, in priority order."""
+        fns = self._hook_cache.get(fn_name)
+        if fns is None:
+            fns = self._hook_cache[fn_name] = [bind_point(h, fn_name, self) for h in self._hooks
+                                               if h.overrides(fn_name)]
+        for fn in fns:
+            fn(**kwargs)
+
+    call_hooks = call_hook
+
+    def get_hooks_info(self) -> str:
+        """A table of the hooks that run at each stage, in order, with priorities."""
+        from .hooks.hook import PRIORITIES
+        self.register_hooks(self._default_hooks_cfg, self._custom_hooks_cfg)
+        names = {v: k for k, v in PRIORITIES.items()}
+        lines = []
+        for stage in STAGES:
+            hooks = [h for h in self._hooks if h.overrides(stage)]
+            if hooks:
+                lines.append(f'{stage}:')
+                lines += [f'  ({names.get(h.priority, h.priority):<12}) {type(h).__name__}'
+                          for h in hooks]
+        return '\n'.join(lines)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            close_logger(self.logger)
+
+
+def _safe_len(obj) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
