@@ -215,9 +215,13 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f'{mpath} is not a valid manifest: {e}') from None
     out = {}
+    if not isinstance(files, dict):
+        raise CheckpointError(f'{mpath} is not a valid manifest: "files" is not an object')
     for name, entry in files.items():
-        if '/' in name or name.startswith('.'):
+        if '/' in name or '\\' in name or name.startswith('.') or name == MANIFEST:
             raise CheckpointError(f'{mpath} lists an invalid file name {name!r}')
+        if not isinstance(entry, dict) or not {'size', 'sha256'} <= set(entry):
+            raise CheckpointError(f'{mpath} has no size/sha256 for {name!r}')
         p = ckpt_dir / name
         if not p.is_file():
             raise CheckpointError(f'{p} is listed in the manifest but missing')
@@ -228,18 +232,49 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
     return out
 
 
+def _load_tensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes (never a pickle); a parse error names the file."""
+    try:
+        return st_load(data)
+    except Exception as e:  # SafetensorError is no ValueError subclass
+        raise CheckpointError(f'{where} is not a valid safetensors file ({type(e).__name__}: {e}); '
+                              f'pickled files are never loaded') from None
+
+
+def _load_json(data: bytes, where: Path, kind: type = dict) -> Any:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{where} is not valid JSON: {e}') from None
+    if not isinstance(doc, kind):
+        raise CheckpointError(f'{where} holds a JSON {type(doc).__name__}, expected a {kind.__name__}')
+    return doc
+
+
 def read_checkpoint(ckpt_dir: Path, rank: int = 0) -> dict:
     """Verify and load a checkpoint into a dict: model, state, rng (of ``rank``)."""
+    ckpt_dir = Path(ckpt_dir)
     blobs = verify(ckpt_dir)
+    for name in ('state.json', 'state.safetensors'):
+        if name not in blobs:
+            raise CheckpointError(f'{ckpt_dir / name} is missing from {MANIFEST}')
+    doc = _load_json(blobs['state.json'], ckpt_dir / 'state.json')
+    tensors = _load_tensors(blobs['state.safetensors'], ckpt_dir / 'state.safetensors')
     try:
-        doc = json.loads(blobs['state.json'])
-        state = join_tensors(doc, st_load(blobs['state.safetensors']))
-        model = st_load(blobs['model.safetensors']) if 'model.safetensors' in blobs else None
-        rng = None
-        if f'rng_{rank}.safetensors' in blobs:
-            rng = (st_load(blobs[f'rng_{rank}.safetensors']), json.loads(blobs[f'rng_{rank}.json']))
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f'{ckpt_dir}: unreadable checkpoint content: {e}') from None
+        state = join_tensors(doc, tensors)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f'{ckpt_dir / "state.json"} refers to a tensor missing from '
+                              f'state.safetensors: {e}') from None
+    model = None
+    if 'model.safetensors' in blobs:
+        model = _load_tensors(blobs['model.safetensors'], ckpt_dir / 'model.safetensors')
+    rng = None
+    if f'rng_{rank}.safetensors' in blobs:
+        rng_json = f'rng_{rank}.json'
+        if rng_json not in blobs:
+            raise CheckpointError(f'{ckpt_dir / rng_json} is missing from {MANIFEST}')
+        rng = (_load_tensors(blobs[f'rng_{rank}.safetensors'], ckpt_dir / f'rng_{rank}.safetensors'),
+               _load_json(blobs[rng_json], ckpt_dir / rng_json))
     return {'model': model, 'state': state, 'rng': rng, 'path': str(ckpt_dir)}
 
 
@@ -250,9 +285,12 @@ def read_model_weights(path: Path) -> dict[str, torch.Tensor]:
         blobs = verify(path)
         if 'model.safetensors' not in blobs:
             raise CheckpointError(f'{path} holds no model weights')
-        return st_load(blobs['model.safetensors'])
+        return _load_tensors(blobs['model.safetensors'], path / 'model.safetensors')
     if path.suffix == '.safetensors' and path.is_file():
-        return st_load(path.read_bytes())
+        return _load_tensors(path.read_bytes(), path)
+    if not path.exists():
+        raise CheckpointError(f'{path} does not exist: expected a checkpoint directory or a '
+                              f'.safetensors file')
     raise CheckpointError(f'{path}: expected a checkpoint directory or a .safetensors file '
                           f'(pickled .pth/.bin files are refused: loading them can run code)')
 
@@ -265,17 +303,20 @@ def candidates(ckpt_root: Path) -> list[Path]:
     dirs = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and not p.name.startswith('.')),
                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
     latest = ckpt_root / LATEST
+    if not latest.exists():
+        return dirs
     try:
-        name = latest.read_text().strip()
-        target = ckpt_root / name
-        if name and '/' not in name and target in dirs:
-            dirs.remove(target)
-            dirs.insert(0, target)
-        elif name:
-            warnings.warn(f'{latest} points at {name!r}, which is not a checkpoint here; '
-                          f'using the newest complete checkpoint instead')
-    except (OSError, UnicodeDecodeError):
-        pass
+        name = latest.read_bytes().decode('utf-8').strip()
+    except (OSError, UnicodeDecodeError) as e:
+        warnings.warn(f'{latest} is unreadable ({e}); using the newest complete checkpoint instead')
+        return dirs
+    target = ckpt_root / name
+    if name and '/' not in name and target in dirs:
+        dirs.remove(target)
+        dirs.insert(0, target)
+    else:
+        warnings.warn(f'{latest} points at {name!r}, which is not a checkpoint here; '
+                      f'using the newest complete checkpoint instead')
     return dirs
 
 

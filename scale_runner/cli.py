@@ -81,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f'scale-runner: config error: {e}', file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `scale-runner hooks CFG | head`
+        sys.stderr.close()
+        return 0
+    except Exception as e:
+        # A checkpoint that is missing, damaged or does not fit: say so, without a traceback.
+        ckpt = sys.modules.get(f'{__package__}.checkpoint')  # imported only if a run got that far
+        if ckpt is None or not isinstance(e, ckpt.CheckpointError):
+            raise
+        print(f'scale-runner: checkpoint error: {e}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -5,8 +5,11 @@ import ast
 import copy
 import importlib
 import json
+import keyword
+import math
 import os
 import pprint
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,14 @@ class ConfigDict(dict):
     def update(self, *args, **kwargs):
         for k, v in dict(*args, **kwargs).items():
             self[k] = v
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def copy(self) -> 'ConfigDict':
+        return ConfigDict(self)
 
 
 def _wrap(value):
@@ -95,7 +106,17 @@ class Config:
 
     # ---- access --------------------------------------------------------------------------
     def __getattr__(self, name):
+        # Only reached when normal lookup fails. ``_cfg`` itself (e.g. on an instance being
+        # unpickled or copied, before ``__init__`` ran) and dunder probes are not config keys.
+        if name == '_cfg' or (name.startswith('__') and name.endswith('__')):
+            raise AttributeError(name)
         return getattr(self._cfg, name)
+
+    def __reduce__(self):
+        return (Config, (dict(self._cfg), self.filename))
+
+    def __copy__(self):
+        return Config(dict(self._cfg), self.filename)
 
     def __setattr__(self, name, value):
         self._cfg[name] = value
@@ -157,10 +178,10 @@ class Config:
             last = parts[-1]
             if isinstance(node, list):
                 node[_index(node, last, dotted)] = _wrap(value)
-            elif isinstance(value, dict) and isinstance(node.get(last), dict) and not value.get(DELETE_KEY):
+            elif isinstance(value, dict) and isinstance(node.get(last), dict):
                 node[last] = merge(node[last], value)
             else:
-                node[last] = value
+                node[last] = _strip_delete(copy.deepcopy(value))
 
     # ---- output --------------------------------------------------------------------------
     @property
@@ -176,13 +197,14 @@ class Config:
             text = format_py(data)
         elif suffix in ('.yaml', '.yml'):
             import yaml
-            text = yaml.safe_dump(_lists(data), sort_keys=False, default_flow_style=None)
+            text = yaml.dump(_lists(data), Dumper=_yaml_class('dumper'), sort_keys=False,
+                             default_flow_style=None, allow_unicode=True)
         elif suffix == '.json':
             text = json.dumps(data, indent=2) + '\n'
         else:
             raise ConfigError(f'cannot dump a config to {path}: use one of {", ".join(SUFFIXES)}')
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text, encoding='utf-8')
 
 
 def _child(node, part, path, create):
@@ -210,7 +232,7 @@ def _index(node: list, part: str, path: str) -> int:
 def merge(base: dict, child: dict) -> ConfigDict:
     """Recursively merge ``child`` into a copy of ``base``; ``_delete_=True`` replaces."""
     if child.get(DELETE_KEY):
-        return ConfigDict({k: v for k, v in child.items() if k != DELETE_KEY})
+        return _strip_delete(ConfigDict(copy.deepcopy(dict(child))))
     out = ConfigDict(copy.deepcopy(dict(base)))
     for k, v in child.items():
         if k == DELETE_KEY:
@@ -218,8 +240,21 @@ def merge(base: dict, child: dict) -> ConfigDict:
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
-            out[k] = copy.deepcopy(v)
+            # nothing to merge into: a ``_delete_`` marker inside has no meaning left
+            out[k] = _strip_delete(copy.deepcopy(v))
     return out
+
+
+def _strip_delete(value):
+    """Remove every ``_delete_`` marker (in place, recursively) and return ``value``."""
+    if isinstance(value, dict):
+        value.pop(DELETE_KEY, None)
+        for v in value.values():
+            _strip_delete(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _strip_delete(v)
+    return value
 
 
 # ---- file loading ------------------------------------------------------------------------
@@ -247,7 +282,7 @@ def _load_with_bases(path: Path, chain: tuple) -> ConfigDict:
                                   f'(of {path}): define it in one base only, or in {path.name}')
             origin[key] = bpath
         merged.update(bcfg)
-    return merge(merged, raw) if bases else ConfigDict(raw)
+    return merge(merged, raw) if bases else _strip_delete(ConfigDict(raw))
 
 
 def _load_single(path: Path) -> dict:
@@ -257,13 +292,13 @@ def _load_single(path: Path) -> dict:
     if suffix in ('.yaml', '.yml'):
         import yaml
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(encoding='utf-8'), Loader=_yaml_class('loader'))
         except yaml.YAMLError as e:
             raise ConfigError(f'{path}: not a valid YAML config for the safe loader '
                               f'(Python tags such as !!python/object are refused): {e}') from None
     elif suffix == '.json':
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding='utf-8'))
         except json.JSONDecodeError as e:
             raise ConfigError(f'{path}: invalid JSON: {e}') from None
     else:
@@ -275,8 +310,27 @@ def _load_single(path: Path) -> dict:
     return data
 
 
+_FLOAT_WITH_EXPONENT = re.compile(r'^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$')
+_YAML_CLASSES: dict = {}
+
+
+def _yaml_class(kind: str):
+    """PyYAML's SafeLoader / SafeDumper (no Python tags), but treating ``1e-3`` as a float as
+    YAML 1.2 does (YAML 1.1 wants ``1.0e-3``, so ``lr: 1e-3`` would otherwise load as the
+    *string* '1e-3'). The dumper knows the same rule, so it quotes a string '1e-3'."""
+    if kind not in _YAML_CLASSES:
+        import yaml
+        base = yaml.SafeLoader if kind == 'loader' else yaml.SafeDumper
+        cls = type(f'ScaleRunner{base.__name__}', (base,), {})
+        cls.yaml_implicit_resolvers = {k: list(v) for k, v in base.yaml_implicit_resolvers.items()}
+        cls.add_implicit_resolver('tag:yaml.org,2002:float', _FLOAT_WITH_EXPONENT,
+                                  list('-+0123456789'))
+        _YAML_CLASSES[kind] = cls
+    return _YAML_CLASSES[kind]
+
+
 def _load_py(path: Path) -> dict:
-    source = path.read_text()
+    source = path.read_text(encoding='utf-8')
     namespace: dict[str, Any] = {'__file__': str(path), '__name__': f'scale_runner_config_{path.stem}'}
     try:
         code = compile(source, str(path), 'exec')
@@ -296,12 +350,21 @@ def import_modules(custom_imports: dict) -> None:
     imports = [imports] if isinstance(imports, str) else imports
     for name in imports:
         try:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError:
+                importlib.invalidate_caches()  # the module may have been written just now
+                importlib.import_module(name)
         except ImportError as e:
             if custom_imports.get('allow_failed_imports'):
                 continue
             raise ConfigError(f'custom_imports.imports: cannot import {name!r}: {e}. '
                               f'Is it installed or on PYTHONPATH?') from None
+        except Exception as e:
+            if custom_imports.get('allow_failed_imports'):
+                continue
+            raise ConfigError(f'custom_imports.imports: importing {name!r} failed: '
+                              f'{type(e).__name__}: {e}') from e
 
 
 # ---- command-line overrides ---------------------------------------------------------------
@@ -372,7 +435,24 @@ def _lists(value):
     return value
 
 
+class _PyPrinter(pprint.PrettyPrinter):
+    """pprint whose output is always valid Python: ``inf``/``nan`` are not names."""
+
+    def format(self, obj, context, maxlevels, level):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            text = "float('nan')" if math.isnan(obj) else ('1e999' if obj > 0 else '-1e999')
+            return text, True, False
+        return super().format(obj, context, maxlevels, level)
+
+
 def format_py(data: dict) -> str:
     data = _to_plain(data)
-    lines = [f'{k} = {pprint.pformat(v, indent=1, width=100, sort_dicts=False)}' for k, v in data.items()]
+    printer = _PyPrinter(indent=1, width=100, sort_dicts=False)
+    lines = []
+    for k, v in data.items():
+        text = printer.pformat(v)
+        if isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k):
+            lines.append(f'{k} = {text}')
+        else:  # a key from a YAML/JSON config that is no Python name
+            lines.append(f'globals()[{k!r}] = {text}')
     return '\n'.join(lines) + '\n'

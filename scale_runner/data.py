@@ -112,19 +112,39 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
         sampler = DATA_SAMPLERS.build(sampler_cfg, _cfg_path=f'{where}.sampler', dataset=dataset)
     else:
         sampler = sampler_cfg
-    collate = cfg.pop('collate_fn', dict(type='default_collate'))
-    if isinstance(collate, dict):
-        collate = dict(collate)
-        fn = FUNCTIONS.get(collate.pop('type'))
-        collate = functools.partial(fn, **collate) if collate else fn
-    elif isinstance(collate, str):
-        collate = FUNCTIONS.get(collate)
+    collate = _build_collate(cfg.pop('collate_fn', dict(type='default_collate')), f'{where}.collate_fn')
     if cfg.get('num_workers', 0) > 0:
         cfg.setdefault('worker_init_fn', functools.partial(worker_init_fn, rank=rank))
     else:
         cfg.pop('persistent_workers', None)
     return call_with_cfg(DataLoader, dict(dataset=dataset, sampler=sampler, collate_fn=collate, **cfg),
                          where)
+
+
+def _build_collate(collate: Any, where: str) -> Any:
+    """``collate_fn``: a callable, a registered/dotted name, or ``dict(type=..., **partial_kwargs)``."""
+    if isinstance(collate, dict):
+        collate = dict(collate)
+        if 'type' not in collate:
+            raise ConfigError(f'{where} needs a type, e.g. dict(type=\'default_collate\')')
+        fn = _get_function(collate.pop('type'), f'{where}.type')
+        return functools.partial(fn, **collate) if collate else fn
+    if isinstance(collate, str):
+        return _get_function(collate, where)
+    if collate is not None and not callable(collate):
+        raise ConfigError(f'{where} must be a callable, a registered name or dict(type=...), '
+                          f'got {collate!r}')
+    return collate
+
+
+def _get_function(key: Any, where: str) -> Any:
+    if callable(key):
+        return key
+    try:
+        return FUNCTIONS.get(key)
+    except KeyError as e:
+        msg = e.args[0] if e.args else str(e)
+        raise ConfigError(f'{where}: {msg}') from None
 
 
 def get_sampler(dataloader) -> Any:
@@ -138,3 +158,13 @@ def get_sampler(dataloader) -> Any:
             if cand is not None and hasattr(cand, 'set_epoch'):
                 return cand
     return None
+
+
+def set_epoch(dataloader, epoch: int) -> None:
+    """Set the epoch of a dataloader's sampler (and of an Accelerate-prepared loader, which calls
+    ``set_epoch`` itself at every pass with its own count of passes: 0 after a resume)."""
+    if callable(getattr(dataloader, 'set_epoch', None)):
+        dataloader.set_epoch(epoch)
+    sampler = get_sampler(dataloader)
+    if sampler is not None:
+        sampler.set_epoch(epoch)

@@ -6,14 +6,41 @@ matching ``after_*`` hook, so no hook ever computes ``iter + 1``.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import random
+import sys
 from typing import Any
 
 import torch
 
-from .data import get_sampler
+from .data import get_sampler, set_epoch
 from .errors import ConfigError
 from .model import eval_step, train_step
 from .registry import LOOPS
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore the python, numpy and torch (CPU and current CUDA device) RNG states on exit."""
+    py_state = random.getstate()
+    np_state = _numpy_random().get_state() if _numpy_random() else None
+    cpu_state = torch.get_rng_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_state = torch.cuda.get_rng_state() if cuda else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            _numpy_random().set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+
+
+def _numpy_random():
+    np = sys.modules.get('numpy')  # only if something imported it: no numpy import here
+    return np.random if np is not None else None
 
 
 class BaseLoop:
@@ -81,7 +108,10 @@ class _TrainLoop(BaseLoop):
         val_loop = self.runner.val_loop
         if (val_loop is not None and progress >= self.val_begin and self.val_interval > 0
                 and (progress % self.val_interval == 0 or progress == last)):
-            self.last_val_metrics = val_loop.run()
+            # Validation must not change training's randomness: a checkpoint written before it
+            # (after_train_epoch) resumes with the RNG state training continues from.
+            with preserved_rng():
+                self.last_val_metrics = val_loop.run()
 
     def run_iter(self, idx: int, data_batch: Any) -> Any:
         runner, state = self.runner, self.runner.state
@@ -104,9 +134,7 @@ class _TrainLoop(BaseLoop):
         sampler.set_start(batches_done * per_batch)
 
     def _set_epoch(self, epoch: int) -> None:
-        sampler = get_sampler(self.dataloader)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        set_epoch(self.dataloader, epoch)
 
 
 @LOOPS.register_module()

@@ -30,14 +30,16 @@ def parse_losses(outputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             if isinstance(value, (list, tuple)):
                 value = sum(v.mean() for v in value)
             if 'loss' in key:
+                if isinstance(value, torch.Tensor) and value.numel() != 1:
+                    value = value.mean()  # a per-sample loss (MMEngine averages it)
                 total = value if total is None else total + value
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 log_vars[key] = value.detach()
         if total is None:
             raise TypeError(f'the model returned a dict with keys {list(outputs.keys())} but none '
                             f"contains 'loss'; return a loss tensor or a dict with a 'loss' key")
-        if len([k for k in outputs.keys() if 'loss' in k]) > 1:
-            log_vars['loss'] = total.detach()
+        # The total is always logged as 'loss' (as in MMEngine), also for a single 'loss_x' key.
+        log_vars['loss'] = total.detach() if isinstance(total, torch.Tensor) else total
         return total, log_vars
     loss = getattr(outputs, 'loss', None)
     if isinstance(loss, torch.Tensor):

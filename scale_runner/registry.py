@@ -29,11 +29,15 @@ class Registry:
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        for loc in self._locations:
-            importlib.import_module(loc)
-        if self._populate is not None:
-            self._populate(self)
+        self._loaded = True  # set first: a location module registers into this registry
+        try:
+            for loc in self._locations:
+                importlib.import_module(loc)
+            if self._populate is not None:
+                self._populate(self)
+        except BaseException:
+            self._loaded = False  # retry (and fail loudly) on the next lookup
+            raise
 
     def __len__(self) -> int:
         self._load()
@@ -60,8 +64,16 @@ class Registry:
         """Register ``module`` (call form) or return a decorator (decorator form)."""
         if not isinstance(force, bool):
             raise TypeError(f'force must be a bool, got {force!r}')
+        if not (name is None or isinstance(name, str)
+                or (isinstance(name, (list, tuple)) and all(isinstance(n, str) for n in name))):
+            raise TypeError(f'register_module(name=...) takes a str or a list of str, got {name!r}; '
+                            f'as a decorator write @{self.name.upper()}S.register_module() '
+                            f'(with parentheses)')
 
         def _register(obj):
+            # Load the built-ins first, so a name clash with one is reported here, at the
+            # user's registration, and not later while importing the built-in modules.
+            self._load()
             names = [obj.__name__] if name is None else ([name] if isinstance(name, str) else list(name))
             for key in names:
                 if not force and key in self._modules and self._modules[key] is not obj:
@@ -95,7 +107,7 @@ class Registry:
         hint = f' Closest registered names: {", ".join(near)}.' if near else ''
         return (f'{key!r} is not in the {self.name!r} registry.{hint} '
                 f'Use a dotted import path (e.g. "my_pkg.module.MyClass"), or register it with '
-                f'@{self.name.upper()}.register_module() in a module listed in '
+                f'@{self.name.upper()}S.register_module() in a module listed in '
                 f"custom_imports=dict(imports=['my_pkg.module']).")
 
     def build(self, cfg: Any, *, _cfg_path: str | None = None, **default_args) -> Any:

@@ -11,13 +11,14 @@ from .checkpoint import (CheckpointWriter, check_weights, collect_state, find_re
                          read_checkpoint, read_model_weights, resolve_resume, restore_state)
 from .config import Config
 from .errors import ConfigError, edit_distance
-from .hooks.hook import STAGES, bind_point, check_hook_points, get_priority
+from .hooks.hook import STAGES, Hook, bind_point, check_hook_points, get_priority
 from .logs import LogBuffer, close_logger, make_logger
 from .registry import HOOKS, LOOPS, MODELS, RUNNERS
 from .state import TrainState
 
 DEFAULT_HOOKS = {
     'timer': dict(type='IterTimerHook'),
+    'sampler_seed': dict(type='DistSamplerSeedHook'),
     'logger': dict(type='LoggerHook'),
     'param_scheduler': dict(type='ParamSchedulerHook'),
     'checkpoint': dict(type='CheckpointHook'),
@@ -98,7 +99,10 @@ class Runner:
         """Create the Accelerator (distributed init) and seed every RNG."""
         from .env import build_accelerator, check_randomness, set_randomness
         randomness = check_randomness(self._randomness_cfg)
-        self.accelerator = build_accelerator(self._accelerator_cfg)
+        optim = self._parts['optim_wrapper']
+        counts = (optim.get('accumulative_counts', 1) if isinstance(optim, dict)
+                  else getattr(optim, 'accumulative_counts', 1))
+        self.accelerator = build_accelerator(self._accelerator_cfg, counts)
         self.seed = set_randomness(self.accelerator, **randomness)
 
     def _setup(self) -> None:
@@ -109,7 +113,7 @@ class Runner:
         self.setup_env()
         acc = self.accelerator
         if self.experiment_name is None:
-            stamp = [time.strftime('%Y%m%d_%H%M%S')]
+            stamp = [_fresh_name(self.work_dir, time.strftime('%Y%m%d_%H%M%S'))]
             if acc.num_processes > 1:
                 from accelerate.utils import broadcast_object_list
                 broadcast_object_list(stamp)
@@ -198,7 +202,7 @@ class Runner:
         self.train_loop = self.build_train_loop(self._parts['train_cfg'])
         self.optim_wrapper = build_optim_wrapper(self._parts['optim_wrapper'], self.model)
         self.param_schedulers = build_param_schedulers(
-            self._param_scheduler_cfg, self.optim_wrapper.optimizer, _safe_len(self.train_loop.dataloader))
+            self._param_scheduler_cfg, self.optim_wrapper.optimizer, self._updates_per_epoch())
         (self.optim_wrapper.optimizer,) = self._prepare_model(self.optim_wrapper.optimizer)
         self.optim_wrapper.bind(self.accelerator, self.model)
         if all(val_parts) and self.val_loop is None:
@@ -211,6 +215,12 @@ class Runner:
             return self.train_loop.last_val_metrics
         finally:
             self.call_hook('after_run')
+
+    def _updates_per_epoch(self) -> int | None:
+        """Optimizer updates in one pass (schedulers step per update, so ``convert_to_iter_based``
+        converts epochs to updates)."""
+        n = _safe_len(self.train_loop.dataloader)
+        return None if n is None else -(-n // getattr(self.optim_wrapper, "accumulative_counts", 1))
 
     def val(self) -> dict:
         return self._evaluate('val')
@@ -272,6 +282,9 @@ class Runner:
             hook = dict(hook)
             priority = hook.pop('priority', priority)
             hook = HOOKS.build(hook, _cfg_path='custom_hooks')
+        if not isinstance(hook, Hook):
+            raise ConfigError(f'a hook must be a Hook instance or dict(type=...), got {hook!r} '
+                              f'({type(hook).__name__})')
         check_hook_points(hook)
         hook.priority = get_priority(hook.priority if priority is None else priority,
                                      f'{type(hook).__name__}.priority')
@@ -347,6 +360,15 @@ class Runner:
     def close(self) -> None:
         if self.logger is not None:
             close_logger(self.logger)
+
+
+def _fresh_name(work_dir: Path, stamp: str) -> str:
+    """``stamp``, or ``stamp_1``, ``stamp_2``... if a run of the same second already has it."""
+    name, i = stamp, 0
+    while (work_dir / name).exists():
+        i += 1
+        name = f'{stamp}_{i}'
+    return name
 
 
 def _safe_len(obj) -> int | None:

@@ -32,9 +32,12 @@ class ParamScheduler:
         self.last_step += 1
         t = self.last_step
         if t == self.begin and self.begin > 0:
-            # Becoming active: replay the scheduler's initial step from the current lr.
+            # Becoming active: redo the scheduler's initial step from the current lr, exactly
+            # as its constructor did (LinearLR applies start_factor, cosine keeps the lr).
+            # A plain step() would not be treated as initial and rescale a recursive schedule.
             self.scheduler.last_epoch = -1
-            self.scheduler.step()
+            initial = getattr(self.scheduler, '_initial_step', None)
+            (initial or self.scheduler.step)()
         elif self.begin < t <= self.end:
             # Stepping at t == end lands exactly on the schedule's final value.
             self.scheduler.step()

@@ -2,12 +2,12 @@
 custom_imports = dict(imports=['scale_runner.examples.toy'])
 train_dataloader = dict(
     batch_size=64,
-    dataset=dict(type='SpiralDataset', size=6000, num_classes=3, seed=0),
+    dataset=dict(type='SpiralDataset', size=6000, num_classes=3, noise=0.1, seed=0),
     sampler=dict(type='DefaultSampler', shuffle=True),
 )
 val_dataloader = dict(
     batch_size=256,
-    dataset=dict(type='SpiralDataset', size=1500, num_classes=3, seed=1),
+    dataset=dict(type='SpiralDataset', size=1500, num_classes=3, noise=0.1, seed=1),
     sampler=dict(type='DefaultSampler', shuffle=False),
 )
 val_evaluator = dict(type='Accuracy', topk=1)

@@ -90,11 +90,13 @@ class Hook:
     def end_of_epoch(self, dataloader, batch_idx: int) -> bool:
         return batch_idx + 1 == len(dataloader)
 
+    # Counters count completed work, so in ``after_train_epoch`` / ``after_train_iter`` the
+    # last epoch / iteration is the one where the counter reached its maximum.
     def is_last_train_epoch(self, runner) -> bool:
-        return runner.epoch + 1 == runner.max_epochs
+        return runner.max_epochs is not None and runner.epoch == runner.max_epochs
 
     def is_last_train_iter(self, runner) -> bool:
-        return runner.iter + 1 == runner.max_iters
+        return runner.max_iters is not None and runner.iter == runner.max_iters
 
     def overrides(self, point: str) -> bool:
         """Whether this hook implements ``point`` (standard points: only if overridden)."""
@@ -108,14 +110,16 @@ class Hook:
 
 
 def check_hook_points(hook: Hook) -> None:
-    """Reject methods that look like a misspelt standard point (``after_train_iters``)."""
+    """Reject methods that look like a misspelt standard point (``after_train_iters``,
+    ``befor_val_epoch``); the error names the closest standard point."""
     allowed = set(STAGES) | set(getattr(hook, 'custom_points', ()))
     for name in dir(type(hook)):
-        if name.startswith('_') or name in allowed or not name.startswith(('before_', 'after_')):
+        if name.startswith('_') or name in allowed or hasattr(Hook, name):
             continue
         if not callable(getattr(type(hook), name, None)):
             continue
-        near = [s for s in STAGES if edit_distance(name, s) <= 2]
+        dist = {s: edit_distance(name, s) for s in STAGES}
+        near = sorted((s for s in STAGES if dist[s] <= 2), key=dist.__getitem__)
         if near:
             raise ConfigError(
                 f'{type(hook).__name__}.{name} looks like a misspelt hook point: did you mean '

@@ -1,0 +1,460 @@
+"""Checkpoints: pickle-free format, manifest, exact resume, fallback, load_from, pickle safety."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from conftest import PlainRegressor, RegressionData
+from scale_runner import Runner
+from scale_runner.checkpoint import (CheckpointError, find_resumable, read_checkpoint,
+                                     read_model_weights)
+
+
+def _final_weights(runner) -> dict[str, torch.Tensor]:
+    from scale_runner.model import unwrap
+    return {k: v.detach().clone() for k, v in unwrap(runner.model).state_dict().items()}
+
+
+def _train(parts):
+    runner = Runner(**parts)
+    runner.train()
+    runner.close()
+    return runner
+
+
+def _resume_parts(tiny_parts, work_dir, **over):
+    """Epoch-based, shuffled, SGD with momentum and a step schedule."""
+    torch.manual_seed(0)  # the model is built outside the runner: same initial weights every time
+    parts = tiny_parts(
+        work_dir,
+        model=PlainRegressor(),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        param_scheduler=dict(type='StepLR', step_size=3, gamma=0.5, by_epoch=False),
+    )
+    parts.update(over)
+    return parts
+
+
+# ---- format ----------------------------------------------------------------------------------
+def test_checkpoint_dir_holds_only_safetensors_and_json_with_full_manifest(tmp_path, tiny_parts):
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=1)))
+    ckpt = tmp_path / 'checkpoints' / 'epoch_1'
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert all(p.is_file() for p in ckpt.iterdir()), files
+    assert all(n.endswith(('.safetensors', '.json')) for n in files), files
+    assert {'manifest.json', 'model.safetensors', 'state.json', 'state.safetensors'} <= set(files)
+    for p in ckpt.iterdir():
+        head = p.read_bytes()[:1]
+        assert head != b'\x80', f'{p.name} is a pickle'
+        # no zip-wrapped torch.save either
+        assert not p.read_bytes().startswith(b'PK'), f'{p.name} is a zip (torch.save) file'
+    manifest = json.loads((ckpt / 'manifest.json').read_text())
+    listed = manifest['files']
+    assert set(listed) == set(files) - {'manifest.json'}
+    for name, entry in listed.items():
+        data = (ckpt / name).read_bytes()
+        assert entry['size'] == len(data)
+        assert entry['sha256'] == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / 'checkpoints' / 'latest').read_text().strip() == 'epoch_1'
+    # the optimizer's momentum buffers are in the checkpoint, as tensors
+    state = read_checkpoint(ckpt)['state']
+    assert state['optimizer']['state'], 'optimizer state (momentum) was not saved'
+    assert state['train_state']['epoch'] == 1 and state['train_state']['iter'] == 8
+
+
+# ---- exact resume ----------------------------------------------------------------------------
+def test_epoch_resume_is_bit_identical(tmp_path, tiny_parts):
+    full = _train(_resume_parts(tiny_parts, tmp_path / 'full',
+                                train_cfg=dict(by_epoch=True, max_epochs=3)))
+    expected = _final_weights(full)
+
+    work = tmp_path / 'split'
+    _train(_resume_parts(tiny_parts, work, train_cfg=dict(by_epoch=True, max_epochs=1)))
+    resumed = _train(_resume_parts(tiny_parts, work, resume=True,
+                                   train_cfg=dict(by_epoch=True, max_epochs=3)))
+    assert resumed.epoch == 3 and resumed.iter == 24
+    got = _final_weights(resumed)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+    # the saved final checkpoints agree byte for byte too
+    a = (tmp_path / 'full' / 'checkpoints' / 'epoch_3' / 'model.safetensors').read_bytes()
+    b = (work / 'checkpoints' / 'epoch_3' / 'model.safetensors').read_bytes()
+    assert a == b
+
+
+def test_epoch_resume_with_adamw_is_bit_identical(tmp_path, tiny_parts):
+    over = dict(optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
+                param_scheduler=dict(type='LinearLR', start_factor=0.2, by_epoch=False, end=10))
+    full = _train(_resume_parts(tiny_parts, tmp_path / 'full', **over,
+                                train_cfg=dict(by_epoch=True, max_epochs=2)))
+    work = tmp_path / 'split'
+    _train(_resume_parts(tiny_parts, work, **over, train_cfg=dict(by_epoch=True, max_epochs=1)))
+    resumed = _train(_resume_parts(tiny_parts, work, **over, resume=True,
+                                   train_cfg=dict(by_epoch=True, max_epochs=2)))
+    expected, got = _final_weights(full), _final_weights(resumed)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+
+
+class CountingData(RegressionData):
+    """Counts which samples were read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads: list[int] = []
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return super().__getitem__(i)
+
+
+def _iter_parts(tiny_parts, work_dir, max_iters, data, **over):
+    # 64 samples / batch 8 = 8 batches per pass; checkpoints every 5 iterations (not aligned)
+    return _resume_parts(
+        tiny_parts, work_dir,
+        train_dataloader=dict(dataset=data, batch_size=8,
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=1000),
+        default_hooks=dict(checkpoint=dict(interval=5, by_epoch=False)),
+        **over)
+
+
+def test_mid_epoch_resume_iter_based_is_exact_and_skips_at_the_sampler(tmp_path, tiny_parts):
+    full_data = CountingData(64)
+    full = _train(_iter_parts(tiny_parts, tmp_path / 'full', 14, full_data))
+    expected = _final_weights(full)
+    # Accelerate's prepared dataloader reads one batch ahead (to know the end of a pass)
+    assert 14 * 8 <= len(full_data.reads) <= 15 * 8
+
+    work = tmp_path / 'split'
+    _train(_iter_parts(tiny_parts, work, 10, CountingData(64)))
+    # iteration 10 = pass 1 (the second pass), 2 batches into it
+    assert (work / 'checkpoints' / 'iter_10' / 'manifest.json').is_file()
+    data = CountingData(64)
+    resumed = _train(_iter_parts(tiny_parts, work, 14, data, resume=True))
+    assert resumed.iter == 14
+    # only the remaining 4 batches were read (+ at most Accelerate's one-batch lookahead), and
+    # they are the very samples, in the same order, that the full run read at those positions
+    assert 4 * 8 <= len(data.reads) <= 5 * 8, f'resume read {len(data.reads)} samples'
+    assert data.reads == full_data.reads[10 * 8:10 * 8 + len(data.reads)]
+    got = _final_weights(resumed)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+
+
+def test_mid_epoch_resume_in_first_pass_reads_only_remaining(tmp_path, tiny_parts):
+    full_data = CountingData(64)
+    full = _train(_iter_parts(tiny_parts, tmp_path / 'full', 7, full_data))
+    work = tmp_path / 'split'
+    _train(_iter_parts(tiny_parts, work, 5, CountingData(64)))
+    data = CountingData(64)
+    resumed = _train(_iter_parts(tiny_parts, work, 7, data, resume=True))
+    assert 2 * 8 <= len(data.reads) <= 3 * 8, f'resume read {len(data.reads)} samples'
+    assert data.reads == full_data.reads[5 * 8:5 * 8 + len(data.reads)]
+    expected, got = _final_weights(full), _final_weights(resumed)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+
+
+# ---- damaged checkpoints -------------------------------------------------------------------
+@pytest.fixture
+def two_checkpoints(tmp_path, tiny_parts):
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=2)))
+    root = tmp_path / 'checkpoints'
+    assert (root / 'latest').read_text().strip() == 'epoch_2'
+    return root
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('damage', ['flip_model', 'no_manifest', 'truncate_state'])
+def test_damaged_newest_falls_back_with_warning(two_checkpoints, damage):
+    newest = two_checkpoints / 'epoch_2'
+    if damage == 'flip_model':
+        _flip_byte(newest / 'model.safetensors')
+        culprit = 'model.safetensors'
+    elif damage == 'no_manifest':
+        (newest / 'manifest.json').unlink()
+        culprit = 'manifest.json'
+    else:
+        p = newest / 'state.safetensors'
+        p.write_bytes(p.read_bytes()[:-7])
+        culprit = 'state.safetensors'
+    with pytest.warns(UserWarning, match=culprit):
+        ckpt = find_resumable(two_checkpoints)
+    assert Path(ckpt['path']).name == 'epoch_1'
+    assert ckpt['state']['train_state']['epoch'] == 1
+
+
+def test_garbled_latest_pointer_falls_back(two_checkpoints):
+    (two_checkpoints / 'latest').write_bytes(b'\xff\xfe garbage \x00')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        ckpt = find_resumable(two_checkpoints)
+    assert any('latest' in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert Path(ckpt['path']).name == 'epoch_2'
+
+
+def test_latest_pointing_nowhere_falls_back(two_checkpoints):
+    (two_checkpoints / 'latest').write_text('epoch_99\n')
+    with pytest.warns(UserWarning, match='latest'):
+        ckpt = find_resumable(two_checkpoints)
+    assert Path(ckpt['path']).name == 'epoch_2'
+
+
+def test_latest_is_preferred_over_mtime(two_checkpoints):
+    import os
+    import time
+    # make epoch_1 look newer on disk; the pointer still decides
+    t = time.time() + 100
+    os.utime(two_checkpoints / 'epoch_1', (t, t))
+    ckpt = find_resumable(two_checkpoints)
+    assert Path(ckpt['path']).name == 'epoch_2'
+
+
+def test_fallback_is_used_by_runner_resume(two_checkpoints, tiny_parts):
+    work = two_checkpoints.parent
+    _flip_byte(two_checkpoints / 'epoch_2' / 'model.safetensors')
+    runner = Runner(**_resume_parts(tiny_parts, work, resume=True,
+                                    train_cfg=dict(by_epoch=True, max_epochs=2)))
+    with pytest.warns(UserWarning, match='model.safetensors'):
+        runner.train()
+    runner.close()
+    # resumed from epoch_1 and trained epoch 2 again
+    assert runner.epoch == 2 and runner.iter == 16
+
+
+def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(two_checkpoints, tiny_parts):
+    for d in ('epoch_1', 'epoch_2'):
+        (two_checkpoints / d / 'manifest.json').unlink()
+    with pytest.warns(UserWarning):
+        with pytest.raises(CheckpointError, match='no valid checkpoint'):
+            find_resumable(two_checkpoints)
+    runner = Runner(**_resume_parts(tiny_parts, two_checkpoints.parent, resume=True))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError):
+        runner.train()
+    runner.close()
+    assert runner.iter == 0
+
+
+def test_resume_with_empty_work_dir_is_an_error(tmp_path, tiny_parts):
+    runner = Runner(**_resume_parts(tiny_parts, tmp_path, resume=True))
+    with pytest.raises(CheckpointError):
+        runner.train()
+    runner.close()
+    assert runner.iter == 0
+
+
+# ---- load_from -------------------------------------------------------------------------------
+class WiderRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)   # shape mismatch
+        self.extra = nn.Linear(2, 2)    # missing from the checkpoint
+
+    def forward(self, x, y=None):
+        return {'loss': self.linear(x).sum()}
+
+
+def test_load_from_mismatch_lists_everything_and_loads_nothing(two_checkpoints, tiny_parts, tmp_path):
+    model = WiderRegressor()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = Runner(**tiny_parts(tmp_path / 'new', model=model,
+                                 load_from=str(two_checkpoints / 'epoch_2')))
+    with pytest.raises(CheckpointError) as err:
+        runner.val()
+    runner.close()
+    msg = str(err.value)
+    for key in ('linear.weight', 'linear.bias', 'extra.weight', 'extra.bias'):
+        assert key in msg, (key, msg)
+    assert '(2, 4)' in msg and '(1, 4)' in msg
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f'{k} was partly loaded'
+
+
+def test_load_from_unexpected_keys_are_listed(tmp_path, tiny_parts):
+    weights = {k: v.clone() for k, v in PlainRegressor().state_dict().items()}
+    weights['head.weight'] = torch.zeros(3)
+    path = tmp_path / 'w.safetensors'
+    save_file(weights, str(path))
+    model = PlainRegressor()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = Runner(**tiny_parts(tmp_path / 'run', model=model, load_from=str(path)))
+    with pytest.raises(CheckpointError, match='head.weight'):
+        runner.val()
+    runner.close()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_load_from_bare_safetensors(tmp_path, tiny_parts):
+    src = PlainRegressor()
+    with torch.no_grad():
+        src.linear.weight.fill_(0.25)
+        src.linear.bias.fill_(-1.5)
+    path = tmp_path / 'weights.safetensors'
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    model = PlainRegressor()
+    runner = Runner(**tiny_parts(tmp_path / 'run', model=model, load_from=str(path)))
+    runner.val()
+    runner.close()
+    from scale_runner.model import unwrap
+    sd = unwrap(runner.model).state_dict()
+    assert torch.equal(sd['linear.weight'], src.linear.weight)
+    assert torch.equal(sd['linear.bias'], src.linear.bias)
+
+
+def test_load_from_checkpoint_dir_then_val(two_checkpoints, tiny_parts, tmp_path):
+    expected = read_model_weights(two_checkpoints / 'epoch_2')
+    runner = Runner(**tiny_parts(tmp_path / 'run', load_from=str(two_checkpoints / 'epoch_2')))
+    runner.val()
+    runner.close()
+    from scale_runner.model import unwrap
+    for k, v in unwrap(runner.model).state_dict().items():
+        assert torch.equal(v, expected[k])
+
+
+MARKER = Path('/tmp/scale_runner_pickle_marker')
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, (f'touch {MARKER}',))
+
+
+def _pickle_bomb(path: Path) -> None:
+    path.write_bytes(pickle.dumps({'weight': _Evil()}))
+
+
+@pytest.fixture
+def no_marker():
+    MARKER.unlink(missing_ok=True)
+    yield
+    assert not MARKER.exists(), 'a pickle was executed'
+    MARKER.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize('name', ['model.pth', 'model.bin', 'model.pt', 'model.ckpt'])
+def test_load_from_pickle_path_is_refused(tmp_path, tiny_parts, no_marker, name):
+    path = tmp_path / name
+    _pickle_bomb(path)
+    runner = Runner(**tiny_parts(tmp_path / 'run', load_from=str(path)))
+    with pytest.raises(CheckpointError, match='pickle'):
+        runner.val()
+    runner.close()
+
+
+def test_torch_save_renamed_to_safetensors_is_refused(tmp_path, tiny_parts, no_marker):
+    path = tmp_path / 'weights.safetensors'
+    torch.save({'linear.weight': torch.zeros(1, 4), 'linear.bias': torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match='weights.safetensors'):
+        read_model_weights(path)
+    _pickle_bomb(path)
+    with pytest.raises(CheckpointError, match='weights.safetensors'):
+        read_model_weights(path)
+
+
+# ---- planted pickles inside a checkpoint dir ------------------------------------------------------
+@pytest.mark.parametrize('target', ['model.safetensors', 'state.safetensors', 'state.json',
+                                    'rng_0.safetensors', 'manifest.json'])
+def test_planted_pickle_is_never_unpickled(two_checkpoints, no_marker, target):
+    ckpt = two_checkpoints / 'epoch_2'
+    _pickle_bomb(ckpt / target)
+    with pytest.raises(CheckpointError, match=target.replace('.', r'\.')):
+        read_checkpoint(ckpt)
+    with pytest.raises(CheckpointError):
+        read_model_weights(ckpt)
+    with pytest.warns(UserWarning, match=target.replace('.', r'\.')):
+        ckpt_ok = find_resumable(two_checkpoints)
+    assert Path(ckpt_ok['path']).name == 'epoch_1'
+
+
+def test_planted_pickle_with_forged_manifest_is_never_unpickled(two_checkpoints, no_marker):
+    """An attacker controlling the folder can also fix the manifest: the loader still only
+    parses safetensors/JSON, so the payload fails to parse and never runs."""
+    ckpt = two_checkpoints / 'epoch_2'
+    _pickle_bomb(ckpt / 'model.safetensors')
+    manifest = json.loads((ckpt / 'manifest.json').read_text())
+    data = (ckpt / 'model.safetensors').read_bytes()
+    manifest['files']['model.safetensors'] = {'size': len(data),
+                                              'sha256': hashlib.sha256(data).hexdigest()}
+    (ckpt / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match='model.safetensors'):
+        read_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match='model.safetensors'):
+        read_model_weights(ckpt)
+
+
+def test_extra_files_not_in_manifest_are_ignored(two_checkpoints, tiny_parts, no_marker):
+    ckpt = two_checkpoints / 'epoch_2'
+    for name in ('evil.pkl', 'optimizer.bin', 'pytorch_model.bin', 'extra.safetensors'):
+        _pickle_bomb(ckpt / name)
+    got = read_checkpoint(ckpt)
+    assert Path(got['path']).name == 'epoch_2'
+    weights = read_model_weights(ckpt)
+    assert set(weights) == {'linear.weight', 'linear.bias'}
+    runner = Runner(**_resume_parts(tiny_parts, two_checkpoints.parent, resume=True,
+                                    train_cfg=dict(by_epoch=True, max_epochs=3)))
+    runner.train()
+    runner.close()
+    assert runner.epoch == 3
+
+
+def test_manifest_naming_outside_file_is_refused(two_checkpoints, no_marker):
+    ckpt = two_checkpoints / 'epoch_2'
+    manifest = json.loads((ckpt / 'manifest.json').read_text())
+    manifest['files']['../epoch_1/model.safetensors'] = manifest['files']['model.safetensors']
+    (ckpt / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match='invalid file name'):
+        read_checkpoint(ckpt)
+
+
+def test_resume_path_to_specific_checkpoint(two_checkpoints, tiny_parts):
+    runner = Runner(**_resume_parts(tiny_parts, two_checkpoints.parent,
+                                    resume=str(two_checkpoints / 'epoch_1'),
+                                    train_cfg=dict(by_epoch=True, max_epochs=2)))
+    runner.train()
+    runner.close()
+    assert runner.iter == 16
+    shutil.rmtree(two_checkpoints / 'epoch_1')
+    runner = Runner(**_resume_parts(tiny_parts, two_checkpoints.parent,
+                                    resume=str(two_checkpoints / 'epoch_1')))
+    with pytest.raises(CheckpointError, match='epoch_1'):
+        runner.train()
+    runner.close()
+
+
+class DropoutRegressor(PlainRegressor):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, y=None):
+        return super().forward(self.drop(x), y)
+
+
+def test_epoch_resume_with_dropout_and_validation_is_bit_identical(tmp_path, tiny_parts):
+    def parts(work_dir, **over):
+        torch.manual_seed(0)
+        return _resume_parts(tiny_parts, work_dir, model=DropoutRegressor(), **over)
+    full = _train(parts(tmp_path / 'full', train_cfg=dict(by_epoch=True, max_epochs=2)))
+    work = tmp_path / 'split'
+    _train(parts(work, train_cfg=dict(by_epoch=True, max_epochs=1)))
+    resumed = _train(parts(work, resume=True, train_cfg=dict(by_epoch=True, max_epochs=2)))
+    expected, got = _final_weights(full), _final_weights(resumed)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k

@@ -1,0 +1,306 @@
+"""Loops: exact hook call sequences, the seed document's custom loop, early stop."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PlainRegressor, RegressionData
+
+from scale_runner import BaseMetric, Runner
+from scale_runner.hooks import STAGES, Hook
+from scale_runner.registry import DATASETS, HOOKS, LOOPS, METRICS
+from scale_runner.loops import BaseLoop
+
+
+class Recorder(Hook):
+    """Implements every standard point; records (point, epoch, iter, batch_idx)."""
+
+    def __init__(self):
+        self.calls = []
+
+
+def _make_point(point):
+    def method(self, runner, batch_idx=None, data_batch=None, outputs=None, metrics=None,
+               checkpoint=None):
+        self.calls.append((point, runner.epoch, runner.iter, batch_idx))
+    method.__name__ = point
+    return method
+
+
+for _point in STAGES:
+    setattr(Recorder, _point, _make_point(_point))
+
+
+def _parts(tiny_parts, tmp_path, **over):
+    parts = tiny_parts(
+        tmp_path,
+        train_dataloader=dict(dataset=RegressionData(8), batch_size=4,
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        val_dataloader=dict(dataset=RegressionData(4, seed=1), batch_size=4),
+    )
+    parts.update(over)
+    return parts
+
+
+def _val(epoch, it):
+    return [('before_val', epoch, it, None), ('before_val_epoch', epoch, it, None),
+            ('before_val_iter', epoch, it, 0), ('after_val_iter', epoch, it, 0),
+            ('after_val_epoch', epoch, it, None), ('after_val', epoch, it, None)]
+
+
+def test_epoch_based_hook_sequence(tmp_path, tiny_parts):
+    rec = Recorder()
+    runner = Runner(**_parts(
+        tiny_parts, tmp_path,
+        train_cfg=dict(by_epoch=True, max_epochs=5, val_interval=2),
+        default_hooks=dict(checkpoint=dict(interval=2)),
+        custom_hooks=[rec]))
+    runner.train()
+    expected = [('before_run', 0, 0, None), ('before_train', 0, 0, None)]
+    for e in range(5):
+        it = 2 * e
+        expected += [('before_train_epoch', e, it, None),
+                     ('before_train_iter', e, it, 0), ('after_train_iter', e, it + 1, 0),
+                     ('before_train_iter', e, it + 1, 1), ('after_train_iter', e, it + 2, 1),
+                     ('after_train_epoch', e + 1, it + 2, None)]
+        if e + 1 in (2, 4, 5):
+            expected += [('before_save_checkpoint', e + 1, it + 2, None)]
+            expected += _val(e + 1, it + 2)
+    expected += [('after_train', 5, 10, None), ('after_run', 5, 10, None)]
+    assert rec.calls == expected
+    assert sorted(p.name for p in runner.checkpoint_dir.iterdir() if p.is_dir()) == [
+        'epoch_2', 'epoch_4', 'epoch_5']
+    runner.close()
+
+
+def test_iter_based_hook_sequence(tmp_path, tiny_parts):
+    rec = Recorder()
+    runner = Runner(**_parts(
+        tiny_parts, tmp_path,
+        train_dataloader=dict(dataset=RegressionData(6), batch_size=2,
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        train_cfg=dict(by_epoch=False, max_iters=7, val_interval=3),
+        default_hooks=dict(checkpoint=dict(interval=3)),
+        custom_hooks=[rec]))
+    runner.train()
+    expected = [('before_run', 0, 0, None), ('before_train', 0, 0, None),
+                ('before_train_epoch', 0, 0, None)]
+    for i in range(7):
+        epoch, idx = divmod(i, 3)
+        expected += [('before_train_iter', epoch, i, idx), ('after_train_iter', epoch, i + 1, idx)]
+        if i + 1 in (3, 6, 7):
+            expected += [('before_save_checkpoint', epoch, i + 1, None)]
+            expected += _val(epoch, i + 1)
+    expected += [('after_train_epoch', 2, 7, None), ('after_train', 2, 7, None),
+                 ('after_run', 2, 7, None)]
+    assert rec.calls == expected
+    assert sorted(p.name for p in runner.checkpoint_dir.iterdir() if p.is_dir()) == [
+        'iter_3', 'iter_6', 'iter_7']
+    runner.close()
+
+
+def test_val_and_test_hook_sequence(tmp_path, tiny_parts):
+    rec = Recorder()
+    parts = _parts(tiny_parts, tmp_path, custom_hooks=[rec],
+                   test_dataloader=dict(dataset=RegressionData(6, seed=2), batch_size=4),
+                   test_cfg=dict(), test_evaluator=dict(type='NegMSE'))
+    runner = Runner(**parts)
+    assert set(runner.val()) == {'mse'}
+    assert set(runner.test()) == {'mse'}
+    test_part = [('before_test', 0, 0, None), ('before_test_epoch', 0, 0, None),
+                 ('before_test_iter', 0, 0, 0), ('after_test_iter', 0, 0, 0),
+                 ('before_test_iter', 0, 0, 1), ('after_test_iter', 0, 0, 1),
+                 ('after_test_epoch', 0, 0, None), ('after_test', 0, 0, None)]
+    assert rec.calls == ([('before_run', 0, 0, None)] + _val(0, 0) + [('after_run', 0, 0, None)]
+                         + [('before_run', 0, 0, None)] + test_part + [('after_run', 0, 0, None)])
+    runner.close()
+
+
+def test_after_val_epoch_receives_metrics(tmp_path, tiny_parts):
+    seen = []
+
+    class MetricsHook(Hook):
+        def after_val_epoch(self, runner, metrics=None):
+            seen.append(dict(metrics))
+
+    runner = Runner(**_parts(tiny_parts, tmp_path, custom_hooks=[MetricsHook()]))
+    last = runner.train()
+    assert len(seen) == 2 and set(seen[-1]) == {'mse'} and seen[-1] == last
+    runner.close()
+
+
+# ---- the seed document's example, verbatim except imports (bodies of `...` record) ----------
+SEEN2 = []
+
+
+@LOOPS.register_module(force=True)
+class CustomValLoop(BaseLoop):
+    def __init__(self, runner, dataloader, evaluator, dataloader2):
+        super().__init__(runner, dataloader, evaluator)
+        self.dataloader2 = runner.build_dataloader(dataloader2)
+
+    def run(self):
+        self.runner.call_hooks('before_val_epoch')
+        for idx, data_batch in enumerate(self.dataloader):
+            self.runner.call_hooks(
+                'before_val_iter', batch_idx=idx, data_batch=data_batch)
+            outputs = self.run_iter(idx, data_batch)
+            self.runner.call_hooks(
+                'after_val_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)
+        metric = self.evaluator.evaluate()
+
+        # 增加额外的验证循环
+        for idx, data_batch in enumerate(self.dataloader2):
+            # 增加额外的钩子点位
+            self.runner.call_hooks(
+                'before_valloader2_iter', batch_idx=idx, data_batch=data_batch)
+            self.run_iter(idx, data_batch)
+            # 增加额外的钩子点位
+            self.runner.call_hooks(
+                'after_valloader2_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)
+        metric2 = self.evaluator.evaluate()
+
+        ...
+
+        self.runner.call_hooks('after_val_epoch')
+
+
+@HOOKS.register_module(force=True)
+class CustomValHook(Hook):
+    def before_valloader2_iter(self, batch_idx, data_batch):
+        SEEN2.append(('before', batch_idx, len(data_batch['x'])))
+
+    def after_valloader2_iter(self, batch_idx, data_batch, outputs):
+        SEEN2.append(('after', batch_idx, len(data_batch['x'])))
+
+
+@DATASETS.register_module(force=True)
+class ValDataset2(RegressionData):
+    def __init__(self):
+        super().__init__(size=10, seed=5)
+
+
+@METRICS.register_module(force=True)
+class CountingMSE(BaseMetric):
+    """Records the number of samples of each evaluation."""
+
+    evaluations: list = []
+
+    def process(self, data_batch, data_samples):
+        for p, y in zip(data_samples['pred'], data_batch['y']):
+            self.results.append(float((p - y).pow(2).mean()))
+
+    def compute_metrics(self, results):
+        CountingMSE.evaluations.append(len(results))
+        return {'mse': sum(results) / len(results)}
+
+
+def test_seed_custom_val_loop(tmp_path, tiny_parts):
+    SEEN2.clear()
+    CountingMSE.evaluations = []
+    parts = tiny_parts(tmp_path, val_evaluator=dict(type='CountingMSE'),
+                       val_cfg=dict(type='CustomValLoop',
+                                    dataloader2=dict(dataset=dict(type='ValDataset2'), batch_size=4)),
+                       custom_hooks=[dict(type='CustomValHook')])
+    runner = Runner(**parts)
+    runner.val()
+    assert isinstance(runner.val_loop, CustomValLoop)
+    # dataloader2: 10 samples in batches of 4 -> 4, 4, 2; every batch seen before and after.
+    assert SEEN2 == [('before', 0, 4), ('after', 0, 4), ('before', 1, 4), ('after', 1, 4),
+                     ('before', 2, 2), ('after', 2, 2)]
+    # Both evaluations ran: the 20 samples of val_dataloader, then the 10 of dataloader2.
+    assert CountingMSE.evaluations == [20, 10]
+    runner.close()
+
+
+# ---- early stop -----------------------------------------------------------------------------
+class StopAt(Hook):
+    def __init__(self, at_iter):
+        self.at_iter = at_iter
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter == self.at_iter:
+            runner.train_loop.stop_training = True
+
+
+def test_early_stop_epoch_based(tmp_path, tiny_parts):
+    runner = Runner(**_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=5),
+                             custom_hooks=[StopAt(3)]))
+    runner.train()
+    # Stops at the boundary of the epoch in which the flag was set (epoch 2 = iters 3, 4).
+    assert (runner.epoch, runner.iter) == (2, 4)
+    runner.close()
+
+
+def test_early_stop_iter_based(tmp_path, tiny_parts):
+    runner = Runner(**_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=False, max_iters=20),
+                             custom_hooks=[StopAt(3)]))
+    runner.train()
+    assert runner.iter == 3
+    runner.close()
+
+
+def test_loop_shorthand_and_type(tmp_path, tiny_parts):
+    from scale_runner import EpochBasedTrainLoop, IterBasedTrainLoop
+    runner = Runner(**_parts(tiny_parts, tmp_path, train_cfg=dict(max_iters=2)))
+    runner.train()
+    assert isinstance(runner.train_loop, IterBasedTrainLoop) and runner.max_iters == 2
+    runner.close()
+    runner = Runner(**_parts(tiny_parts, tmp_path / 'b',
+                             train_cfg=dict(type='EpochBasedTrainLoop', max_epochs=1)))
+    runner.train()
+    assert isinstance(runner.train_loop, EpochBasedTrainLoop)
+    assert (runner.epoch, runner.iter, runner.max_epochs, runner.max_iters) == (1, 2, 1, 2)
+    runner.close()
+
+
+def test_model_mode_switches(tmp_path, tiny_parts):
+    modes = []
+
+    class ModeHook(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            modes.append(('train', runner.model.training))
+
+        def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            modes.append(('val', runner.model.training))
+
+    runner = Runner(**_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=2),
+                             custom_hooks=[ModeHook()]))
+    runner.train()
+    assert modes == [('train', True)] * 2 + [('val', False)] + [('train', True)] * 2 + [('val', False)]
+    runner.close()
+
+
+class DropoutRegressor(PlainRegressor):
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x, y=None):
+        return super().forward(self.drop(x), y)
+
+
+def test_validation_does_not_change_training_randomness(tmp_path, tiny_parts):
+    """Training with and without validation draws the same dropout masks (so a checkpoint
+    written before validation resumes exactly)."""
+    weights = []
+    for name, val in (('with_val', True), ('without_val', False)):
+        torch.manual_seed(0)
+        over = {} if val else dict(val_dataloader=None, val_cfg=None, val_evaluator=None)
+        runner = Runner(**tiny_parts(tmp_path / name, model=DropoutRegressor(),
+                                     default_hooks=dict(checkpoint=None), **over))
+        runner.train()
+        assert (runner.val_loop is not None) == val
+        weights.append(runner.model.linear.weight.detach().clone())
+        runner.close()
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_val_begin_and_dynamic_intervals(tmp_path, tiny_parts):
+    rec = Recorder()
+    runner = Runner(**_parts(
+        tiny_parts, tmp_path, custom_hooks=[rec], default_hooks=dict(checkpoint=None),
+        train_cfg=dict(by_epoch=True, max_epochs=6, val_begin=2, val_interval=1,
+                       dynamic_intervals=[(4, 2)])))
+    runner.train()
+    assert [e for p, e, _, _ in rec.calls if p == 'before_val'] == [2, 3, 4, 6]
+    runner.close()
