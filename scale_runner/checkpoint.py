@@ -6,6 +6,8 @@ A checkpoint is a directory ``<work_dir>/checkpoints/<name>/``::
     state.safetensors      every other tensor (optimizer moments, RNG states, hook tensors)
     state.json             everything else; tensors appear as {"__tensor__": key}
     rng_<rank>.safetensors / rng_<rank>.json   each process's RNG states
+    grad_<rank>.safetensors   each process's partial gradients, only when the checkpoint falls
+                           inside an accumulation window (accumulative_counts > 1)
     manifest.json          written last: size and sha256 of every other file
 
 It is written into ``.tmp-<name>``, fsync'ed, renamed into place, then the ``latest`` pointer
@@ -147,7 +149,9 @@ class CheckpointWriter:
     def __init__(self, accelerator):
         self.accelerator = accelerator
 
-    def write(self, ckpt_dir: Path, model_state: dict | None, state: dict) -> Path:
+    def write(self, ckpt_dir: Path, model_state: dict | None, state: dict,
+              rank_tensors: dict | None = None) -> Path:
+        """``rank_tensors``: this process's own tensors (partial gradients), if any."""
         acc = self.accelerator
         rank, main = acc.process_index, acc.is_main_process
         ckpt_dir = Path(ckpt_dir)
@@ -160,6 +164,8 @@ class CheckpointWriter:
         rng_tensors, rng_meta = rng_state()
         _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
         _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
+        if rank_tensors:
+            _write(tmp / f'grad_{rank}.safetensors', st_save(model_tensors(rank_tensors)))
         acc.wait_for_everyone()
         if main:
             files = {}
@@ -172,9 +178,9 @@ class CheckpointWriter:
             files['state.safetensors'] = _write(tmp / 'state.safetensors', st_save(tensors))
             files['state.json'] = _write(tmp / 'state.json', json.dumps(doc, indent=1).encode())
             for r in range(acc.num_processes):
-                for suffix in ('safetensors', 'json'):
-                    name = f'rng_{r}.{suffix}'
-                    files[name] = _file_entry(tmp / name)
+                for name in (f'rng_{r}.safetensors', f'rng_{r}.json', f'grad_{r}.safetensors'):
+                    if (tmp / name).is_file():
+                        files[name] = _file_entry(tmp / name)
             _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files},
                                               indent=1).encode())
             _fsync_dir(tmp)
@@ -275,7 +281,10 @@ def read_checkpoint(ckpt_dir: Path, rank: int = 0) -> dict:
             raise CheckpointError(f'{ckpt_dir / rng_json} is missing from {MANIFEST}')
         rng = (_load_tensors(blobs[f'rng_{rank}.safetensors'], ckpt_dir / f'rng_{rank}.safetensors'),
                _load_json(blobs[rng_json], ckpt_dir / rng_json))
-    return {'model': model, 'state': state, 'rng': rng, 'path': str(ckpt_dir)}
+    grads = None
+    if f'grad_{rank}.safetensors' in blobs:
+        grads = _load_tensors(blobs[f'grad_{rank}.safetensors'], ckpt_dir / f'grad_{rank}.safetensors')
+    return {'model': model, 'state': state, 'rng': rng, 'grads': grads, 'path': str(ckpt_dir)}
 
 
 def read_model_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -374,6 +383,11 @@ def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: boo
             'world_size': runner.accelerator.num_processes, 'seed': runner.seed,
             'experiment_name': runner.experiment_name,
             'cfg': _jsonable(runner.cfg.to_dict()) if runner.cfg is not None else None}
+    loop = runner.train_loop
+    if loop is not None:
+        meta['train_batch_size'] = train_batch_size(loop.dataloader)
+    if runner.optim_wrapper is not None:
+        meta['accumulative_counts'] = getattr(runner.optim_wrapper, 'accumulative_counts', 1)
     state = {'meta': meta, 'train_state': runner.state.state_dict(), 'hooks': {}}
     if save_optimizer and runner.optim_wrapper is not None:
         state['optimizer'] = runner.optim_wrapper.state_dict()
@@ -381,6 +395,25 @@ def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: boo
     if save_param_scheduler and runner.param_schedulers:
         state['param_schedulers'] = [s.state_dict() for s in runner.param_schedulers]
     return state
+
+
+def train_batch_size(dataloader) -> int | None:
+    """Samples per train iteration over all processes (what the sampler position counts)."""
+    return getattr(dataloader, 'total_batch_size', None) or getattr(dataloader, 'batch_size', None)
+
+
+def partial_gradients(runner) -> dict[str, torch.Tensor]:
+    """This process's gradients when a checkpoint falls inside an accumulation window.
+
+    Exact resume restores them (``grad_<rank>.safetensors``): every rank's own, since under
+    ``no_sync`` they are not yet all-reduced. At a window boundary gradients are ``None``
+    (``zero_grad(set_to_none=True)``) and nothing is written.
+    """
+    wrapper = runner.optim_wrapper
+    if wrapper is None or getattr(wrapper, 'accumulative_counts', 1) == 1 or runner.model is None:
+        return {}
+    from .model import unwrap
+    return {name: p.grad for name, p in unwrap(runner.model).named_parameters() if p.grad is not None}
 
 
 def _jsonable(obj):
@@ -397,6 +430,20 @@ def restore_state(runner, ckpt: dict) -> None:
             f'{ckpt["path"]} was saved with world_size={saved_ws} but this run has '
             f'{runner.accelerator.num_processes} processes: exact resume needs the same number; '
             f'use load_from={ckpt["path"]!r} to start a new run from its weights instead')
+    meta = state.get('meta', {})
+    current = {'train_dataloader.batch_size (samples per iteration over all processes)':
+               ('train_batch_size', train_batch_size(runner.train_loop.dataloader)
+                if runner.train_loop is not None else None),
+               'optim_wrapper.accumulative_counts':
+               ('accumulative_counts', getattr(runner.optim_wrapper, 'accumulative_counts', None))}
+    for field, (key, now) in current.items():
+        saved = meta.get(key)
+        if saved is not None and now is not None and saved != now:
+            raise CheckpointError(
+                f'{ckpt["path"]} was saved with {field} = {saved} but this run has {now}: '
+                f'exact resume needs the same value (the sampler position and the accumulation '
+                f'window are counted in it); use load_from={ckpt["path"]!r} to start a new run '
+                f'from its weights instead')
     runner.state.load_state_dict(state['train_state'])
     if 'optimizer' in state and runner.optim_wrapper is not None:
         runner.optim_wrapper.load_state_dict(state['optimizer'])
@@ -405,3 +452,55 @@ def restore_state(runner, ckpt: dict) -> None:
         sched.load_state_dict(s)
     if ckpt['rng'] is not None:
         set_rng_state(*ckpt['rng'])
+    _restore_gradients(runner, ckpt.get('grads'), ckpt['path'])
+
+
+def _restore_gradients(runner, grads: dict | None, path: str) -> None:
+    """Put a checkpoint's partial gradients (an open accumulation window) back on the params."""
+    from .model import unwrap
+    params = dict(unwrap(runner.model).named_parameters())
+    for p in params.values():
+        p.grad = None
+    if not grads:
+        return
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        raise CheckpointError(f'{path}: partial gradients for unknown parameters {unknown}')
+    for name, g in grads.items():
+        p = params[name]
+        if g.shape != p.shape:
+            raise CheckpointError(f'{path}: partial gradient of {name} has shape {tuple(g.shape)}, '
+                                  f'the parameter {tuple(p.shape)}')
+        p.grad = g.to(device=p.device, dtype=p.dtype).clone()
+
+
+# ---- export ------------------------------------------------------------------------------------
+def export_weights(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the model weights of checkpoint ``src`` (verified) to the ``.safetensors`` file ``out``.
+
+    Nothing else (optimizer, RNG, counters) is exported. The file's metadata says where the
+    weights come from: ``format=pt``, ``producer``, ``source``, ``epoch``/``iter`` when known.
+    The file is written under a temporary name and renamed, so ``out`` is never half written.
+    """
+    from . import __version__
+    src, out = Path(src), Path(out)
+    if out.suffix != '.safetensors':
+        raise CheckpointError(f'{out}: the export target must be a .safetensors file')
+    weights = read_model_weights(src)
+    meta = {'format': 'pt', 'producer': f'scale_runner {__version__}',
+            'scale_runner_checkpoint_format': str(FORMAT_VERSION), 'source': src.name}
+    if src.is_dir():
+        doc = _load_json(verify(src)['state.json'], src / 'state.json')
+        train_state = doc.get('train_state') or {}
+        for key in ('epoch', 'iter'):
+            if isinstance(train_state.get(key), int):
+                meta[key] = str(train_state[key])
+        name = (doc.get('meta') or {}).get('experiment_name')
+        if isinstance(name, str):
+            meta['experiment_name'] = name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f'.{out.name}.tmp'
+    _write(tmp, st_save(model_tensors(weights), metadata=meta))
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    return out

@@ -1,4 +1,5 @@
-"""``scale-runner train|val|test|config|hooks CONFIG [--cfg-options K=V ...]``.
+"""``scale-runner train|val|test|config|hooks CONFIG [--cfg-options K=V ...]``,
+``scale-runner export CKPT OUT.safetensors``, ``scale-runner plot WORK_DIR... -o curves.png``.
 
 Heavy imports (torch, accelerate) happen inside the commands, so ``--help`` is instant.
 """
@@ -29,8 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     for name in ('val', 'test'):
         sp = common(sub.add_parser(name, help=f'run the {name} loop'))
         sp.add_argument('--checkpoint', help='weights to evaluate (checkpoint dir or .safetensors)')
+        if name == 'test':
+            sp.add_argument('--out', metavar='PREDS.jsonl',
+                            help='also write every sample\'s predictions (JSON lines, once per sample)')
     common(sub.add_parser('config', help='print the resolved config'))
     common(sub.add_parser('hooks', help='print the hooks that run at each stage, in order'))
+    pl = sub.add_parser('plot', help='draw the scalars.jsonl curves of work dirs as a PNG')
+    pl.add_argument('work_dirs', nargs='+', metavar='WORK_DIR',
+                    help='work dirs (or run dirs / scalars.jsonl files); several are compared')
+    pl.add_argument('--keys', help='comma-separated keys, e.g. loss,lr,val/accuracy (default: all)')
+    pl.add_argument('-o', '--out', default='curves.png', help='output PNG (default: curves.png)')
+    pl.add_argument('--size', metavar='WxH', help='image size in pixels, e.g. 1200x800')
+    pl.add_argument('--dpi', type=int, default=100, help='dots per inch (default: 100)')
+    ex = sub.add_parser('export', help='write the weights of a checkpoint to a .safetensors file')
+    ex.add_argument('checkpoint', help='checkpoint directory (verified against its manifest)')
+    ex.add_argument('output', help='output .safetensors file (weights only)')
     return p
 
 
@@ -50,10 +64,27 @@ def load_config(args):
         cfg['load_from'] = args.load_from
     if getattr(args, 'checkpoint', None):
         cfg['load_from'] = args.checkpoint
+    if args.command == 'test' and getattr(args, 'out', None):
+        from pathlib import Path
+        from .evaluation import add_metric
+        cfg['test_evaluator'] = add_metric(cfg.get('test_evaluator'), dict(
+            type='DumpPredictions', out_file=str(Path(args.out).resolve())))
     return cfg
 
 
+def export(args) -> int:
+    from .checkpoint import export_weights
+    out = export_weights(args.checkpoint, args.output)
+    print(f'exported the weights of {args.checkpoint} to {out}')
+    return 0
+
+
 def run(args) -> int:
+    if args.command == 'export':
+        return export(args)
+    if args.command == 'plot':
+        from .plot import main as plot_main
+        return plot_main(args)
     cfg = load_config(args)
     if args.command == 'config':
         print(cfg.pretty_text, end='')
@@ -67,10 +98,27 @@ def run(args) -> int:
         result = getattr(runner, args.command)()
     finally:
         runner.close()
-    if result and runner.accelerator.is_main_process:
-        width = max(len(k) for k in result)
-        print('\n'.join(f'{k:<{width}}  {v}' for k, v in result.items()))
+    if runner.accelerator.is_main_process:
+        if result:
+            print(_metrics_table(result))
+        if args.command == 'test':
+            import json
+            path = runner.log_dir / 'test_metrics.json'
+            path.write_text(json.dumps({k: _jsonable(v) for k, v in (result or {}).items()}, indent=2))
+            print(f'test metrics written to {path}')
     return 0
+
+
+def _metrics_table(metrics: dict) -> str:
+    width = max(len('metric'), *(len(k) for k in metrics))
+    lines = [f'{"metric":<{width}}  value', f'{"-" * width}  {"-" * 10}']
+    return '\n'.join(lines + [f'{k:<{width}}  {_jsonable(v)}' for k, v in metrics.items()])
+
+
+def _jsonable(value):
+    if hasattr(value, 'tolist'):  # tensors, numpy values
+        value = value.tolist()
+    return value if isinstance(value, (int, float, str, bool, list, dict, type(None))) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -387,13 +387,31 @@ def parse_value(text: str) -> Any:
     if text.lower() in _WORDS:
         return _WORDS[text.lower()]
     try:
-        return ast.literal_eval(text)
+        return _literal(ast.parse(text, mode='eval').body)
     except (ValueError, SyntaxError):
         pass
     if len(text) >= 2 and text[0] + text[-1] in ('[]', '()'):
         items = [parse_value(p.strip()) for p in _split_top(text[1:-1]) if p.strip()]
         return items if text[0] == '[' else tuple(items)
     return text
+
+
+def _literal(node: ast.AST) -> Any:
+    """``ast.literal_eval`` plus ``dict(key=literal, ...)`` calls, as configs write them.
+
+    Nothing is executed: any other call or name is refused.
+    """
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'dict':
+        if node.args or any(k.arg is None for k in node.keywords):
+            raise ValueError('only dict(key=value, ...) is allowed')
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Tuple):
+        return tuple(_literal(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
 
 
 def _split_top(text: str) -> list[str]:

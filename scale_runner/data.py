@@ -26,10 +26,14 @@ class DefaultSampler(Sampler):
 
     Every rank builds the same order; Accelerate's ``prepare`` shards the batches across
     ranks. ``set_start(n)`` makes the next pass start after ``n`` samples without touching the
-    skipped ones (used by exact resume).
+    skipped ones (used by exact resume). MMEngine's ``round_up`` (pad so every rank gets as
+    many samples) is Accelerate's ``even_batches`` here, on by default.
     """
 
-    def __init__(self, dataset, shuffle: bool = True, seed: int | None = None):
+    def __init__(self, dataset, shuffle: bool = True, seed: int | None = None, round_up: bool = True):
+        if not round_up:
+            raise ConfigError('sampler.round_up=False: padding is done by Accelerate here; set '
+                              'accelerator=dict(dataloader_config=dict(even_batches=False)) instead')
         self.dataset = dataset
         self.shuffle = shuffle
         self.seed = 0 if seed is None else int(seed)
@@ -60,6 +64,14 @@ class DefaultSampler(Sampler):
     def state_dict(self) -> dict:
         return {'epoch': self.epoch, 'seed': self.seed, 'shuffle': self.shuffle}
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the epoch; a different seed or shuffle would give another order: an error."""
+        for key in ('seed', 'shuffle'):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f'sampler {key} differs from the saved one ({getattr(self, key)!r} '
+                                 f'vs {state[key]!r}): the data order would not be the same')
+        self.epoch = int(state.get('epoch', self.epoch))
+
 
 @DATA_SAMPLERS.register_module()
 class InfiniteSampler(DefaultSampler):
@@ -75,18 +87,52 @@ class InfiniteSampler(DefaultSampler):
             self.epoch += 1
 
 
-def worker_init_fn(worker_id: int, rank: int) -> None:
-    """Seed ``random``/``numpy`` in a worker from torch's per-worker seed and the rank.
+class LoaderGenerator(torch.Generator):
+    """A dataloader's own generator, reseeded from ``(seed, epoch)`` at every pass.
 
-    Torch derives the worker seed from the main process's RNG, which the runner seeds, so
-    augmentation randomness is reproducible across runs and differs across ranks and workers.
+    ``DataLoader`` draws its workers' base seed from ``loader.generator`` each time an iterator
+    is created, and from the *global* torch RNG when there is none: a resumed run would then
+    draw once more than the original and its dropout stream would diverge. With this generator
+    the global RNG is never touched by iterator creation, and the base seed (hence every
+    worker's seed) is a pure function of ``(seed, epoch)``.
     """
-    worker_seed = (torch.initial_seed() + rank * 1_000_003) % 2**32
+
+    def __new__(cls, seed: int = 0):
+        return super().__new__(cls, 'cpu')  # torch.Generator's argument is the device
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = int(seed)
+        self.reseed(0)
+
+    def reseed(self, epoch: int) -> None:
+        self.manual_seed(_mix(self.seed, epoch))
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over the values): no collisions from sums."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def worker_init_fn(worker_id: int, rank: int) -> None:
+    """Seed ``random``/``numpy``/``torch`` in a worker from ``(seed, epoch, rank, worker)``.
+
+    Torch gives worker ``i`` the seed ``base_seed + i``, where ``base_seed`` is drawn from the
+    loader's :class:`LoaderGenerator` (reseeded from ``(seed, epoch)`` at every pass); mixing
+    in the rank makes ranks differ. So worker randomness is reproducible across runs and
+    across a resume, and differs across epochs, ranks and workers.
+    """
+    worker_seed = _mix(torch.initial_seed(), rank, worker_id)
     random.seed(worker_seed)
     torch.manual_seed(worker_seed)
     try:
         import numpy as np
-        np.random.seed(worker_seed)
+        np.random.seed(worker_seed % 2**32)
     except ImportError:  # numpy is optional
         pass
 
@@ -113,6 +159,8 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
     else:
         sampler = sampler_cfg
     collate = _build_collate(cfg.pop('collate_fn', dict(type='default_collate')), f'{where}.collate_fn')
+    # The loader's own generator: creating an iterator must not draw from the global RNG.
+    cfg.setdefault('generator', LoaderGenerator(seed))
     if cfg.get('num_workers', 0) > 0:
         cfg.setdefault('worker_init_fn', functools.partial(worker_init_fn, rank=rank))
     else:
@@ -162,9 +210,13 @@ def get_sampler(dataloader) -> Any:
 
 def set_epoch(dataloader, epoch: int) -> None:
     """Set the epoch of a dataloader's sampler (and of an Accelerate-prepared loader, which calls
-    ``set_epoch`` itself at every pass with its own count of passes: 0 after a resume)."""
+    ``set_epoch`` itself at every pass with its own count of passes: 0 after a resume), and
+    reseed its :class:`LoaderGenerator` from ``(seed, epoch)``."""
     if callable(getattr(dataloader, 'set_epoch', None)):
         dataloader.set_epoch(epoch)
+    generator = getattr(dataloader, 'generator', None)  # a prepared loader delegates to its base
+    if isinstance(generator, LoaderGenerator):
+        generator.reseed(epoch)
     sampler = get_sampler(dataloader)
     if sampler is not None:
         sampler.set_epoch(epoch)

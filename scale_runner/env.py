@@ -3,6 +3,8 @@
 Precedence for every setting: a value in the config wins over the launcher's environment
 (``accelerate launch --mixed_precision bf16`` sets ``ACCELERATE_MIXED_PRECISION``), which wins
 over Accelerate's defaults. Unset config keys are simply not passed to ``Accelerator``.
+On a CPU, ``bf16`` runs under CPU autocast; ``fp16`` has no grad scaler there (Accelerate
+creates one only on an accelerator device).
 """
 from __future__ import annotations
 
@@ -106,10 +108,8 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
         return cfg
     kwargs = accelerator_kwargs(cfg, accumulative_counts)
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world > 1 and 'cpu' not in kwargs and not os.environ.get('ACCELERATE_USE_CPU'):
-        import torch
-        if not torch.cuda.is_available():
-            kwargs['cpu'] = True  # several processes, no GPU: gloo on the CPU, not N lone ranks
+    if world > 1 and 'cpu' not in kwargs and not _has_accelerator():
+        kwargs['cpu'] = True  # several processes, no GPU: gloo on the CPU, not N lone ranks
     accelerator = Accelerator(**kwargs)
     if world > 1 and accelerator.num_processes == 1:
         raise RuntimeError(
@@ -118,6 +118,66 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
             f'`accelerate launch --multi_gpu --num_processes {world} -m scale_runner train CFG` '
             f'(on a CPU-only machine prefix ACCELERATE_USE_CPU=1).')
     return accelerator
+
+
+def check_train_setup(accelerator, dataloader, optim_wrapper) -> None:
+    """Checks and fills done before the model is prepared for training (every rank calls it).
+
+    * Every rank must run the same number of train iterations per pass: otherwise DDP's
+      all-reduce waits forever on the rank with more batches (``even_batches=False`` with a
+      batch count that does not divide by the number of processes). All ranks raise together.
+    * DeepSpeed ``'auto'`` values that Accelerate can only fill when the dataloader is prepared
+      in the same call as the model: micro batch size, gradient accumulation (from
+      ``optim_wrapper.accumulative_counts``) and gradient clipping (from ``clip_grad``).
+    """
+    n = _safe_len(dataloader)
+    if accelerator.num_processes > 1 and n is not None:
+        from accelerate.utils import gather_object
+        lengths = gather_object([n])
+        if len(set(lengths)) > 1:
+            raise ConfigError(
+                f'the train dataloader has {lengths} batches on ranks 0..{len(lengths) - 1}: ranks '
+                f'would step a different number of times and DDP would hang. Keep '
+                f'accelerator.dataloader_config.even_batches=True (the default), or set '
+                f'train_dataloader.drop_last=True, or make the number of batches divisible by '
+                f'{accelerator.num_processes}')
+    plugin = getattr(accelerator.state, 'deepspeed_plugin', None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    counts = optim_wrapper.accumulative_counts
+    if ds.get('gradient_accumulation_steps', 'auto') in ('auto', counts):
+        ds['gradient_accumulation_steps'] = counts
+    else:
+        raise ConfigError(f'DeepSpeed gradient_accumulation_steps={ds["gradient_accumulation_steps"]} '
+                          f'disagrees with optim_wrapper.accumulative_counts={counts}: set it to '
+                          f'auto (accumulative_counts is the one source of truth)')
+    if ds.get('train_micro_batch_size_per_gpu', 'auto') == 'auto':
+        batch_size = getattr(dataloader, 'batch_size', None)
+        if batch_size is None:
+            raise ConfigError('DeepSpeed needs train_micro_batch_size_per_gpu: set it in the '
+                              'DeepSpeed config or give train_dataloader a batch_size')
+        ds['train_micro_batch_size_per_gpu'] = batch_size
+    clip = optim_wrapper.clip_grad or {}
+    if 'clip_value' in clip:
+        raise ConfigError('optim_wrapper.clip_grad=dict(clip_value=...) is not supported by '
+                          'DeepSpeed: use dict(max_norm=...)')
+    if ds.get('gradient_clipping', 'auto') == 'auto':
+        # DeepSpeed clips inside its step; Accelerate would otherwise default to 1.0.
+        ds['gradient_clipping'] = float(clip.get('max_norm', 0.0))
+
+
+def _safe_len(obj) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def _has_accelerator() -> bool:
+    import torch
+    acc = getattr(torch, 'accelerator', None)  # torch >= 2.6: CUDA, XPU, HPU, ...
+    return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
 
 
 def set_randomness(accelerator, seed: int | None = None, deterministic: bool = False,

@@ -40,26 +40,61 @@ def close_logger(logger: logging.Logger) -> None:
 
 
 class LogBuffer:
-    """Scalars of the current logging window; values may be tensors (read only when logged,
-    so training never waits on the device for a number nobody prints)."""
+    """Scalars of the current logging window, one window per stage (``train``, ``val``,
+    ``test``), so validation timings never mix into a training window.
+
+    Values may be tensors (on any device): they are only read when a line is logged, all
+    keys of a window in one transfer, so training never waits on the device for a number
+    nobody prints. ``current`` holds the latest value of every key (any stage).
+    """
 
     def __init__(self):
-        self._window: dict[str, list] = {}
+        self._windows: dict[str, dict[str, list]] = {}
         self.current: dict[str, Any] = {}
 
-    def update(self, key: str, value: Any) -> None:
-        self._window.setdefault(key, []).append(value)
+    def update(self, key: str, value: Any, stage: str = 'train') -> None:
+        self._windows.setdefault(stage, {}).setdefault(key, []).append(value)
         self.current[key] = value
 
-    def mean(self, key: str) -> float:
-        values = self._window.get(key) or [self.current[key]]
-        total = 0.0
-        for v in values:
-            total += float(v)
-        return total / len(values)
+    def keys(self, stage: str = 'train'):
+        return self._windows.get(stage, {}).keys()
 
-    def keys(self):
-        return self._window.keys()
+    def mean(self, key: str, stage: str = 'train') -> float:
+        values = self._windows.get(stage, {}).get(key) or [self.current[key]]
+        return _to_floats([_mean(values)])[0]
 
-    def clear_window(self) -> None:
-        self._window.clear()
+    def means(self, stage: str = 'train') -> dict[str, float]:
+        """The mean of every key of the window (one device sync for all tensor values)."""
+        window = self._windows.get(stage, {})
+        keys = [k for k, v in window.items() if v]
+        return dict(zip(keys, _to_floats([_mean(window[k]) for k in keys])))
+
+    def clear_window(self, stage: str = 'train') -> None:
+        self._windows.pop(stage, None)
+
+
+def _mean(values: list) -> Any:
+    tensors = [v for v in values if hasattr(v, 'detach')]
+    if not tensors:
+        return sum(float(v) for v in values) / len(values)
+    import torch
+    if len(tensors) == len(values):
+        return torch.stack([v.detach().float().mean() for v in values]).mean()
+    device = tensors[0].device
+    return torch.stack([v.detach().float().mean() if hasattr(v, 'detach')
+                        else torch.tensor(float(v), device=device) for v in values]).mean()
+
+
+def _to_floats(values: list) -> list[float]:
+    """Plain floats; the tensors among ``values`` are moved to the CPU together."""
+    idx = [i for i, v in enumerate(values) if hasattr(v, 'detach')]
+    out = [float(v) if i not in idx else 0.0 for i, v in enumerate(values)]
+    if idx:
+        import torch
+        by_device: dict = {}
+        for i in idx:
+            by_device.setdefault(values[i].device, []).append(i)
+        for ids in by_device.values():
+            for i, f in zip(ids, torch.stack([values[i].reshape(()) for i in ids]).float().tolist()):
+                out[i] = f
+    return out

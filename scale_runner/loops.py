@@ -75,7 +75,9 @@ class BaseLoop:
             return train_step(model, data_batch, self.runner.optim_wrapper)
         if model.training:
             model.eval()
-        with torch.no_grad():
+        acc = self.runner.accelerator
+        amp = acc.autocast() if acc is not None and acc.mixed_precision != 'no' else contextlib.nullcontext()
+        with torch.no_grad(), amp:
             outputs = eval_step(model, data_batch, mode)
         if self.evaluator is not None:
             self.evaluator.process(data_samples=outputs, data_batch=data_batch)
@@ -224,12 +226,16 @@ class _EvalLoop(BaseLoop):
         super().__init__(runner, dataloader, evaluator)
         if self.evaluator is None:
             raise ConfigError(f'{self.mode}_evaluator is missing: the {self.mode} loop needs metrics')
+        if hasattr(self.evaluator, 'loss_name'):  # report {mode}_loss if the model returns a loss
+            self.evaluator.loss_name = f'{self.mode}_loss'
 
     def run(self) -> dict:
         runner, stage = self.runner, self.mode
         runner.call_hook(f'before_{stage}')
         runner.call_hook(f'before_{stage}_epoch')
-        for idx, data_batch in enumerate(self.dataloader):
+        # track() gives the evaluator each batch's dataset indices (exact padding removal)
+        batches = self.evaluator.track(self.dataloader) if hasattr(self.evaluator, 'track') else self.dataloader
+        for idx, data_batch in enumerate(batches):
             runner.call_hook(f'before_{stage}_iter', batch_idx=idx, data_batch=data_batch)
             outputs = self.run_iter(idx, data_batch)
             runner.call_hook(f'after_{stage}_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)

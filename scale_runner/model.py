@@ -48,15 +48,24 @@ def parse_losses(outputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
                     f"return a tensor, a dict with 'loss' keys, or an object with a .loss attribute")
 
 
+# Wrapper classes (by name, so none of their modules is imported) and where the inner module is.
+WRAPPERS = {'DistributedDataParallel': 'module', 'DataParallel': 'module',
+            'FullyShardedDataParallel': 'module', 'DeepSpeedEngine': 'module',
+            'OptimizedModule': '_orig_mod'}
+
+
 def unwrap(module: nn.Module) -> nn.Module:
-    """The user's module inside DDP / compile wrappers."""
-    while True:
-        inner = getattr(module, 'module', None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(module, '_orig_mod', None)
-        if not isinstance(inner, nn.Module):
+    """The user's module inside DDP / FSDP / DeepSpeed / torch.compile wrappers."""
+    # By class name and the registered submodule: a user's own submodule named 'module' is
+    # never mistaken for a wrapper, and no failing nn.Module.__getattr__ runs per step.
+    attr = WRAPPERS.get(type(module).__name__)
+    while attr is not None:
+        inner = module._modules.get(attr)
+        if inner is None:
             return module
         module = inner
+        attr = WRAPPERS.get(type(module).__name__)
+    return module
 
 
 class BaseModel(nn.Module):

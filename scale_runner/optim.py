@@ -10,6 +10,11 @@ from .errors import ConfigError
 from .registry import OPTIM_WRAPPERS, OPTIMIZERS
 
 
+# Distributed types whose optimizer step/backward need nothing from Accelerate's wrappers.
+FAST_TYPES = frozenset({'NO', 'MULTI_CPU', 'MULTI_GPU', 'MULTI_NPU', 'MULTI_XPU', 'MULTI_MLU',
+                        'MULTI_MUSA', 'MULTI_SDAA', 'MULTI_HPU'})
+
+
 @OPTIM_WRAPPERS.register_module()
 class OptimWrapper:
     """Wraps an optimizer with MMEngine's ``update_params`` contract.
@@ -38,13 +43,33 @@ class OptimWrapper:
         self.model = None  # the prepared model, set by bind()
         self._inner_count = 0
         self._max_counts: int | None = None
-        self.update_count = 0  # optimizer updates done
+        self.update_count = 0  # optimizer updates done (window ends, skipped ones included)
         self.grad_norm: float | None = None
+        # Steps a loss scaler skipped (inf/nan gradients): an int while one can skip (fp16),
+        # None otherwise (fp32, bf16: no scaler).
+        self.skipped_steps: int | None = None
+        self._engine_scales_loss = False
+        self._raw = None  # the torch optimizer, when Accelerate's wrappers can be bypassed
+        # Set by NanGuardHook: guard(loss) -> False drops this update (raises in 'raise' mode).
+        self.loss_guard = None
+        self._drop_window = False  # a bad loss was seen in the current accumulation window
 
     def bind(self, accelerator, model) -> None:
         """Attach the Accelerator and the prepared model (done by the runner after prepare)."""
         self.accelerator = accelerator
         self.model = model
+        if accelerator is not None:
+            if accelerator.mixed_precision == 'fp16' or accelerator.scaler is not None:
+                self.skipped_steps = self.skipped_steps or 0
+            # DeepSpeed's engine divides the loss by its gradient_accumulation_steps itself.
+            self._engine_scales_loss = accelerator.distributed_type == 'DEEPSPEED'
+            # Accelerate's backward/step/zero_grad do per-step work we do not need when there is
+            # no loss scaler and no special engine (an uncached package lookup in backward and
+            # step, inspect.signature in zero_grad, a loss division by 1): call torch directly.
+            self._raw = None
+            if (accelerator.scaler is None and accelerator.gradient_accumulation_steps == 1
+                    and accelerator.distributed_type in FAST_TYPES):
+                self._raw = getattr(self.optimizer, 'optimizer', self.optimizer)
 
     # ---- accumulation bookkeeping ---------------------------------------------------------
     def initialize_count_status(self, model, init_counts: int, max_counts: int | None) -> None:
@@ -82,7 +107,12 @@ class OptimWrapper:
 
     # ---- the MMEngine API ----------------------------------------------------------------
     def update_params(self, loss: torch.Tensor, step_kwargs=None, zero_kwargs=None) -> None:
+        if self._drop_window or (self.loss_guard is not None and not self.loss_guard(loss)):
+            self._drop_update(zero_kwargs)
+            return
         factor = self._loss_factor()
+        if self._engine_scales_loss:
+            factor = factor / self.accumulative_counts
         if factor != 1:
             loss = loss / factor
         self.backward(loss)
@@ -91,8 +121,16 @@ class OptimWrapper:
             self.zero_grad(**(zero_kwargs or {}))
         self._inner_count += 1
 
+    def _drop_update(self, zero_kwargs=None) -> None:
+        """Skip a bad loss: no backward, no step, no update counted; the rest of its
+        accumulation window is dropped too (every rank agrees, so DDP never waits)."""
+        if not self._drop_window:
+            self.zero_grad(**(zero_kwargs or {}))
+        self._drop_window = not self.should_update()
+        self._inner_count += 1
+
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
-        if self.accelerator is None:
+        if self.accelerator is None or self._raw is not None:
             loss.backward(**kwargs)
         else:
             self.accelerator.backward(loss, **kwargs)
@@ -100,11 +138,13 @@ class OptimWrapper:
     def step(self, **kwargs) -> None:
         if self.clip_grad is not None:
             self._clip()
-        self.optimizer.step(**kwargs)
+        (self._raw or self.optimizer).step(**kwargs)
         self.update_count += 1
+        if self.skipped_steps is not None and self.accelerator.optimizer_step_was_skipped:
+            self.skipped_steps += 1  # the scaler found inf/nan gradients and backed off
 
     def zero_grad(self, **kwargs) -> None:
-        self.optimizer.zero_grad(**kwargs)
+        (self._raw or self.optimizer).zero_grad(**kwargs)
 
     def _clip(self) -> None:
         params = [p for g in self.optimizer.param_groups for p in g['params']]

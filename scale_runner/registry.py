@@ -217,7 +217,7 @@ RUNNERS = Registry('runner', locations=['scale_runner.runner'], build_func=_buil
 LOOPS = Registry('loop', locations=['scale_runner.loops'])
 HOOKS = Registry('hook', locations=['scale_runner.hooks'])
 MODELS = Registry('model')
-DATASETS = Registry('dataset')
+DATASETS = Registry('dataset', locations=['scale_runner.hf_datasets'])
 DATA_SAMPLERS = Registry('data_sampler', locations=['scale_runner.data'])
 FUNCTIONS = Registry('function', locations=['scale_runner.data'])
 OPTIMIZERS = Registry('optimizer', populate=_torch_classes('torch.optim', 'Optimizer'))

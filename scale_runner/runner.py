@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import (CheckpointWriter, check_weights, collect_state, find_resumable,
-                         read_checkpoint, read_model_weights, resolve_resume, restore_state)
+                         partial_gradients, read_checkpoint, read_model_weights, resolve_resume,
+                         restore_state)
 from .config import Config
 from .errors import ConfigError, edit_distance
 from .hooks.hook import STAGES, Hook, bind_point, check_hook_points, get_priority
@@ -22,6 +23,7 @@ DEFAULT_HOOKS = {
     'logger': dict(type='LoggerHook'),
     'param_scheduler': dict(type='ParamSchedulerHook'),
     'checkpoint': dict(type='CheckpointHook'),
+    'nan_guard': dict(type='NanGuardHook'),  # a NaN/Inf loss stops every rank (or mode='skip')
 }
 # What each entry point needs: (dataloader, loop config, evaluator or optimizer).
 NEEDS = {'train': ('train_dataloader', 'train_cfg', 'optim_wrapper'),
@@ -39,7 +41,7 @@ class Runner:
                  optim_wrapper=None, param_scheduler=None, val_evaluator=None, test_evaluator=None,
                  default_hooks=None, custom_hooks=None, load_from=None, resume=False,
                  accelerator=None, randomness=None, experiment_name=None, log_level='INFO',
-                 cfg=None):
+                 trackers=None, cfg=None):
         if model is None:
             raise ConfigError('model is required: a module or dict(type=..., ...) from MODELS')
         self.cfg = cfg if cfg is None or isinstance(cfg, Config) else Config(cfg)
@@ -58,12 +60,14 @@ class Runner:
         self.load_from = load_from
         self.experiment_name = experiment_name
         self.log_level = log_level
+        self.trackers = trackers  # experiment trackers: see trackers.py (used by LoggerHook)
         self.state = TrainState()
         self.log_buffer = LogBuffer()
         self.accelerator = self.logger = self.seed = None
         self.model = model if not isinstance(model, dict) else None
         self.optim_wrapper = None
         self.param_schedulers: list = []
+        self.best_scores: dict = {}  # published by CheckpointHook(save_best=...)
         self.train_loop = self.val_loop = self.test_loop = None
         self._hooks: list = []
         self._hook_cache: dict[str, list] = {}
@@ -203,6 +207,8 @@ class Runner:
         self.optim_wrapper = build_optim_wrapper(self._parts['optim_wrapper'], self.model)
         self.param_schedulers = build_param_schedulers(
             self._param_scheduler_cfg, self.optim_wrapper.optimizer, self._updates_per_epoch())
+        from .env import check_train_setup  # same batch count on every rank; DeepSpeed 'auto's
+        check_train_setup(self.accelerator, self.train_loop.dataloader, self.optim_wrapper)
         (self.optim_wrapper.optimizer,) = self._prepare_model(self.optim_wrapper.optimizer)
         self.optim_wrapper.bind(self.accelerator, self.model)
         if all(val_parts) and self.val_loop is None:
@@ -247,7 +253,8 @@ class Runner:
         state = collect_state(self, save_optimizer, save_param_scheduler)
         self.call_hook('before_save_checkpoint', checkpoint=state)
         model_state = self.accelerator.get_state_dict(self.model)
-        path = CheckpointWriter(self.accelerator).write(Path(path), model_state, state)
+        path = CheckpointWriter(self.accelerator).write(Path(path), model_state, state,
+                                                        partial_gradients(self))
         self.logger.info(f'saved checkpoint {path}')
         return path
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import PlainRegressor, RegressionData
-from scale_runner import Runner
+from scale_runner import Hook, Runner
 from scale_runner.checkpoint import (CheckpointError, find_resumable, read_checkpoint,
                                      read_model_weights)
 
@@ -455,6 +455,214 @@ def test_epoch_resume_with_dropout_and_validation_is_bit_identical(tmp_path, tin
     work = tmp_path / 'split'
     _train(parts(work, train_cfg=dict(by_epoch=True, max_epochs=1)))
     resumed = _train(parts(work, resume=True, train_cfg=dict(by_epoch=True, max_epochs=2)))
+    expected, got = _final_weights(full), _final_weights(resumed)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+
+
+# ---- CheckpointHook options ---------------------------------------------------------------------
+def _val_scores(runner) -> list[float]:
+    import json as _json
+    recs = [_json.loads(line) for line in (runner.log_dir / 'scalars.jsonl').read_text().splitlines()]
+    return [r['val/mse'] for r in recs if 'val/mse' in r]
+
+
+def test_save_best_auto_keeps_only_the_best_and_publishes_it(tmp_path, tiny_parts):
+    runner = _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=4),
+                                  default_hooks=dict(checkpoint=dict(save_best='auto'))))
+    scores = _val_scores(runner)
+    assert len(scores) == 4
+    best_epoch = min(range(4), key=scores.__getitem__) + 1
+    root = tmp_path / 'checkpoints'
+    best = sorted(p.name for p in root.glob('best_*'))
+    assert best == [f'best_mse_epoch_{best_epoch}'], best  # 'mse' -> rule 'less', one kept
+    assert runner.best_scores == {'mse': pytest.approx(min(scores))}
+    state = read_checkpoint(root / best[0])['state']
+    assert state['hooks']['CheckpointHook']['best']['mse']['ckpts'] == best
+    assert {f'epoch_{i}' for i in range(1, 5)} <= {p.name for p in root.iterdir()}
+
+
+def test_save_best_state_survives_resume(tmp_path, tiny_parts):
+    over = dict(default_hooks=dict(checkpoint=dict(save_best='mse', rule='greater', max_keep_best=2)))
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=2), **over))
+    before = sorted(p.name for p in (tmp_path / 'checkpoints').glob('best_*'))
+    runner = Runner(**_resume_parts(tiny_parts, tmp_path, resume=True,
+                                    train_cfg=dict(by_epoch=True, max_epochs=4), **over))
+    runner.train()
+    runner.close()
+    hook = runner.get_hook('CheckpointHook')
+    scores = _val_scores(runner)  # epochs 3 and 4 only (a new log dir)
+    assert len(scores) == 2
+    # the 'greater' best over all 4 epochs; at most 2 best checkpoints kept, oldest dropped
+    kept = hook.best['mse']['ckpts']
+    assert len(kept) <= 2 and sorted(p.name for p in (tmp_path / 'checkpoints').glob('best_*')) == sorted(kept)
+    assert runner.best_scores['mse'] >= max(scores)
+    assert set(before) & set(kept) or kept[-1].endswith(('_3', '_4'))
+
+
+@pytest.mark.parametrize('key, rule', [('accuracy', 'greater'), ('val/top1_acc', 'greater'),
+                                       ('bbox_mAP', 'greater'), ('f1-score', 'greater'),
+                                       ('loss', 'less'), ('val/perplexity', 'less'),
+                                       ('error_rate', 'less'), ('mse', 'less')])
+def test_rule_is_inferred_for_common_names(key, rule):
+    from scale_runner.hooks.checkpoint_hook import infer_rule
+    assert infer_rule(key) == rule
+
+
+def test_unknown_metric_needs_a_rule():
+    from scale_runner import ConfigError
+    from scale_runner.hooks.checkpoint_hook import CheckpointHook
+    with pytest.raises(ConfigError, match="rule='greater'"):
+        CheckpointHook(save_best='widgets')
+    CheckpointHook(save_best='widgets', rule='less')
+    with pytest.raises(ConfigError, match='one rule per'):
+        CheckpointHook(save_best=['acc', 'loss'], rule=['greater'])
+    with pytest.raises(ConfigError, match='greater'):
+        CheckpointHook(save_best='acc', rule='bigger')
+
+
+def test_save_best_missing_key_names_the_available_ones(tmp_path, tiny_parts):
+    from scale_runner import ConfigError
+    runner = Runner(**_resume_parts(tiny_parts, tmp_path, default_hooks=dict(
+        checkpoint=dict(save_best='accuracy'))))
+    with pytest.raises(ConfigError, match="'mse'"):
+        runner.train()
+    runner.close()
+
+
+def test_checkpoint_hook_options(tmp_path, tiny_parts):
+    out = tmp_path / 'elsewhere'
+    runner = _train(_resume_parts(
+        tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=2),
+        default_hooks=dict(checkpoint=dict(by_epoch=False, interval=3, save_begin=5, max_keep_ckpts=2,
+                                           out_dir=str(out), filename_tmpl='step{}',
+                                           save_optimizer=False, save_param_scheduler=False))))
+    assert runner.iter == 16
+    # saves at 6, 9, 12, 15 and the last (16); only the newest 2 are kept
+    assert sorted(p.name for p in out.iterdir()) == ['latest', 'step15', 'step16']
+    state = read_checkpoint(out / 'step16')['state']
+    assert 'optimizer' not in state and 'param_schedulers' not in state
+    assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_save_last_false_and_interval(tmp_path, tiny_parts):
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=3),
+                         default_hooks=dict(checkpoint=dict(interval=2, save_last=False))))
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['epoch_2', 'latest']
+
+
+# ---- export -----------------------------------------------------------------------------------
+def test_export_writes_weights_only_with_metadata(two_checkpoints, tmp_path, capsys):
+    from safetensors import safe_open
+    from scale_runner.cli import main
+    out = tmp_path / 'out' / 'model.safetensors'
+    assert main(['export', str(two_checkpoints / 'epoch_2'), str(out)]) == 0
+    with safe_open(str(out), framework='pt') as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert keys == {'linear.weight', 'linear.bias'}
+    assert meta['format'] == 'pt' and meta['producer'].startswith('scale_runner')
+    assert meta['epoch'] == '2' and meta['iter'] == '16' and meta['source'] == 'epoch_2'
+    expected = read_model_weights(two_checkpoints / 'epoch_2')
+    got = read_model_weights(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [p.name for p in out.parent.iterdir()] == ['model.safetensors']  # no temp file left
+
+
+def test_export_refuses_damaged_checkpoint_and_non_safetensors_target(two_checkpoints, tmp_path, capsys):
+    from scale_runner.cli import main
+    _flip_byte(two_checkpoints / 'epoch_2' / 'model.safetensors')
+    assert main(['export', str(two_checkpoints / 'epoch_2'), str(tmp_path / 'w.safetensors')]) == 1
+    assert 'model.safetensors' in capsys.readouterr().err
+    assert not (tmp_path / 'w.safetensors').exists()
+    assert main(['export', str(two_checkpoints / 'epoch_1'), str(tmp_path / 'w.pth')]) == 1
+    assert '.safetensors' in capsys.readouterr().err
+
+
+# ---- fields that must match for an exact resume ----------------------------------------------------
+def test_different_batch_size_is_refused_naming_the_field(two_checkpoints, tiny_parts):
+    parts = _resume_parts(tiny_parts, two_checkpoints.parent, resume=True,
+                          train_cfg=dict(by_epoch=True, max_epochs=3))
+    parts['train_dataloader'] = dict(parts['train_dataloader'], batch_size=4)
+    runner = Runner(**parts)
+    with pytest.raises(CheckpointError, match='batch_size') as err:
+        runner.train()
+    runner.close()
+    assert 'load_from' in str(err.value) and runner.iter == 0
+
+
+def test_different_accumulation_is_refused_naming_the_field(two_checkpoints, tiny_parts):
+    runner = Runner(**_resume_parts(
+        tiny_parts, two_checkpoints.parent, resume=True, train_cfg=dict(by_epoch=True, max_epochs=3),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9), accumulative_counts=2)))
+    with pytest.raises(CheckpointError, match='accumulative_counts'):
+        runner.train()
+    runner.close()
+
+
+# ---- every file the loader reads ---------------------------------------------------------------
+@pytest.fixture
+def window_checkpoints(tmp_path, tiny_parts):
+    """Checkpoints inside an accumulation window: they hold grad_0.safetensors too."""
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=3),
+                         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05), accumulative_counts=3)))
+    root = tmp_path / 'checkpoints'
+    assert (root / 'epoch_2' / 'grad_0.safetensors').is_file()  # iteration 16 is mid-window
+    shutil.rmtree(root / 'epoch_3')  # the last iteration closes its window: no gradients there
+    (root / 'latest').write_text('epoch_2\n')
+    return root
+
+
+@pytest.mark.parametrize('target', ['model.safetensors', 'state.safetensors', 'state.json',
+                                    'rng_0.safetensors', 'rng_0.json', 'grad_0.safetensors',
+                                    'manifest.json'])
+def test_every_file_the_loader_reads_refuses_a_pickle(window_checkpoints, no_marker, target):
+    ckpt = window_checkpoints / 'epoch_2'
+    _pickle_bomb(ckpt / target)
+    pattern = target.replace('.', r'\.')
+    with pytest.raises(CheckpointError, match=pattern):
+        read_checkpoint(ckpt)
+    # even with a manifest forged to match, the payload is parsed as safetensors/JSON only
+    if target != 'manifest.json':
+        manifest = json.loads((ckpt / 'manifest.json').read_text())
+        data = (ckpt / target).read_bytes()
+        manifest['files'][target] = {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+        (ckpt / 'manifest.json').write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match=pattern):
+            read_checkpoint(ckpt)
+    with pytest.warns(UserWarning, match=pattern):
+        assert Path(find_resumable(window_checkpoints)['path']).name == 'epoch_1'
+
+
+def test_pickled_latest_pointer_is_never_unpickled(two_checkpoints, no_marker):
+    _pickle_bomb(two_checkpoints / 'latest')
+    with pytest.warns(UserWarning, match='latest'):
+        assert Path(find_resumable(two_checkpoints)['path']).name == 'epoch_2'
+
+
+def test_truncated_model_falls_back(two_checkpoints):
+    p = two_checkpoints / 'epoch_2' / 'model.safetensors'
+    p.write_bytes(p.read_bytes()[:20])
+    with pytest.warns(UserWarning, match='model.safetensors'):
+        assert Path(find_resumable(two_checkpoints)['path']).name == 'epoch_1'
+
+
+def test_mid_window_resume_restores_partial_gradients_in_process(tmp_path, tiny_parts):
+    over = dict(optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01), accumulative_counts=3))
+    full = _train(_resume_parts(tiny_parts, tmp_path / 'full', train_cfg=dict(by_epoch=True, max_epochs=3), **over))
+    work = tmp_path / 'split'
+
+    class Crash(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter == 10:
+                raise RuntimeError('crash')
+
+    with pytest.raises(RuntimeError, match='crash'):
+        _train(_resume_parts(tiny_parts, work, train_cfg=dict(by_epoch=True, max_epochs=3),
+                             custom_hooks=[Crash()], **over))
+    assert (work / 'checkpoints' / 'epoch_1' / 'grad_0.safetensors').is_file()  # 8 % 3 != 0
+    resumed = _train(_resume_parts(tiny_parts, work, resume=True,
+                                   train_cfg=dict(by_epoch=True, max_epochs=3), **over))
     expected, got = _final_weights(full), _final_weights(resumed)
     for k in expected:
         assert torch.equal(expected[k], got[k]), k

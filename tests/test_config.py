@@ -640,3 +640,15 @@ def test_importing_config_does_not_import_torch():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ['False', 'False']
+
+
+def test_cli_values_accept_dict_calls_but_run_nothing(tmp_path):
+    from scale_runner.config import parse_cli_options
+    marker = tmp_path / 'ran'
+    opts = parse_cli_options([
+        "trackers=[dict(type='wandb', project='p', init_kwargs=dict(tags=['a'])), dict(type='tensorboard')]",
+        f"evil=__import__('pathlib').Path({str(marker)!r}).touch()",
+    ])
+    assert opts['trackers'] == [{'type': 'wandb', 'project': 'p', 'init_kwargs': {'tags': ['a']}},
+                                {'type': 'tensorboard'}]
+    assert isinstance(opts['evil'], str) and not marker.exists()

@@ -159,3 +159,45 @@ def test_workers_are_seeded_reproducibly():
         return torch.cat([b for b in loader])
 
     assert torch.equal(draws(), draws())
+
+
+def test_default_sampler_order_identical_across_resumes_and_ranks():
+    """A resumed run (fresh sampler, other global RNG state, position restored) continues with
+    exactly the order the uninterrupted run had; every rank builds that same global order and
+    Accelerate's shards of it, together, are that order (padding aside)."""
+    from accelerate.data_loader import prepare_data_loader
+    ds = RegressionData(21)
+    first = DefaultSampler(ds, shuffle=True, seed=11)
+    first.set_epoch(2)
+    uninterrupted = list(first)
+    state = first.state_dict()
+    torch.manual_seed(999)  # the resumed process's global RNG has nothing to do with the order
+    resumed = DefaultSampler(ds, shuffle=True, seed=11)
+    resumed.load_state_dict(state)
+    resumed.set_start(9)
+    assert list(resumed) == uninterrupted[9:]
+    with pytest.raises(ValueError, match='seed'):
+        DefaultSampler(ds, seed=12).load_state_dict(state)
+    # ranks: each rank's loader (built independently, as each process does) reads its shard
+    shards = []
+    for rank in range(2):
+        loader = build_dataloader(dict(dataset=CountingData(21), batch_size=4,
+                                       sampler=dict(type='DefaultSampler', shuffle=True, seed=11)))
+        prepared = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False)
+        get_sampler(prepared).set_epoch(2)
+        assert list(get_sampler(prepared)) == uninterrupted
+        prepared.set_epoch(2)
+        list(prepared)
+        shards.append(prepared.dataset.reads)
+    # round-robin batches of 4: rank 0 reads batches 0, 2, 4; rank 1 batches 1, 3, 5 (+ padding)
+    batches = [uninterrupted[i:i + 4] for i in range(0, 21, 4)]
+    assert shards[0][:12] == batches[0] + batches[2] + batches[4]
+    assert shards[1][:8] == batches[1] + batches[3]
+    assert sorted(set(shards[0]) | set(shards[1])) == list(range(21))
+
+
+def test_mmengine_round_up_false_points_to_even_batches():
+    assert len(DefaultSampler(RegressionData(4), round_up=True)) == 4
+    with pytest.raises(ConfigError, match='even_batches=False'):
+        build_dataloader(dict(dataset=RegressionData(4), sampler=dict(type='DefaultSampler',
+                                                                      round_up=False)))

@@ -6,7 +6,7 @@ from conftest import RegressionData
 
 from scale_runner import ConfigError, Runner
 from scale_runner.hooks import (CheckpointHook, DistSamplerSeedHook, Hook, IterTimerHook, LoggerHook,
-                                ParamSchedulerHook, get_priority)
+                                NanGuardHook, ParamSchedulerHook, get_priority)
 from scale_runner.registry import HOOKS
 
 
@@ -60,7 +60,8 @@ def test_default_and_custom_hooks_from_config(tmp_path, tiny_parts):
                       TagHook('normal')]))
     runner.register_hooks(runner._default_hooks_cfg, runner._custom_hooks_cfg)
     assert _names(runner) == [
-        ('TagHook', 'first', 0), ('TagHook', 'timer', 50), ('DistSamplerSeedHook', None, 50),
+        ('TagHook', 'first', 0), ('NanGuardHook', None, 10), ('TagHook', 'timer', 50),
+        ('DistSamplerSeedHook', None, 50),
         ('TagHook', 'normal', 50),
         ('LoggerHook', None, 60), ('ParamSchedulerHook', None, 70), ('TagHook', 'low', 70)]
     assert runner.get_hook('LoggerHook').interval == 3
@@ -73,9 +74,9 @@ def test_default_hooks_are_the_standard_ones(tmp_path, tiny_parts):
     runner = Runner(**tiny_parts(tmp_path))
     runner.train()
     kinds = [type(h) for h in runner.hooks]
-    assert kinds == [IterTimerHook, DistSamplerSeedHook, LoggerHook, ParamSchedulerHook,
-                     CheckpointHook]
-    assert [h.priority for h in runner.hooks] == [50, 50, 60, 70, 90]
+    assert kinds == [NanGuardHook, IterTimerHook, DistSamplerSeedHook, LoggerHook,
+                     ParamSchedulerHook, CheckpointHook]
+    assert [h.priority for h in runner.hooks] == [10, 50, 50, 60, 70, 90]
     runner.close()
 
 
@@ -220,4 +221,29 @@ def test_hook_helpers_count_completed_work(tmp_path, tiny_parts):
         ('epoch', 2, True, False),
         ('iter', 5, False, False, False, False), ('iter', 6, True, True, True, True),
         ('epoch', 3, False, True)]
+    runner.close()
+
+
+def test_hook_helpers_edge_cases(tmp_path, tiny_parts):
+    """start offsets, n <= 0, and the helpers on an iteration-based loop (max_epochs is None)."""
+    seen = []
+
+    class Helpers(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            seen.append((runner.iter, self.every_n_train_iters(runner, 2, start=1),
+                         self.every_n_train_iters(runner, 0), self.every_n_inner_iters(batch_idx, 0),
+                         self.is_last_train_iter(runner), self.is_last_train_epoch(runner)))
+
+        def after_train_epoch(self, runner):
+            seen.append(('epoch', self.every_n_epochs(runner, 1, start=1), self.every_n_epochs(runner, -1)))
+
+    parts = tiny_parts(tmp_path, custom_hooks=[Helpers()], val_cfg=None, val_dataloader=None,
+                       val_evaluator=None, train_dataloader=dict(dataset=RegressionData(8), batch_size=4),
+                       train_cfg=dict(by_epoch=False, max_iters=4))
+    runner = Runner(**parts)
+    runner.train()
+    # iter 1 is `start`: nothing done since; iter 3 is 2 after it
+    assert seen == [(1, False, False, False, False, False), (2, False, False, False, False, False),
+                    (3, True, False, False, False, False), (4, False, False, False, True, False),
+                    ('epoch', False, False)]
     runner.close()

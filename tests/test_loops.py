@@ -104,8 +104,8 @@ def test_val_and_test_hook_sequence(tmp_path, tiny_parts):
                    test_dataloader=dict(dataset=RegressionData(6, seed=2), batch_size=4),
                    test_cfg=dict(), test_evaluator=dict(type='NegMSE'))
     runner = Runner(**parts)
-    assert set(runner.val()) == {'mse'}
-    assert set(runner.test()) == {'mse'}
+    assert set(runner.val()) == {'mse', 'val_loss'}
+    assert set(runner.test()) == {'mse', 'test_loss'}
     test_part = [('before_test', 0, 0, None), ('before_test_epoch', 0, 0, None),
                  ('before_test_iter', 0, 0, 0), ('after_test_iter', 0, 0, 0),
                  ('before_test_iter', 0, 0, 1), ('after_test_iter', 0, 0, 1),
@@ -124,7 +124,7 @@ def test_after_val_epoch_receives_metrics(tmp_path, tiny_parts):
 
     runner = Runner(**_parts(tiny_parts, tmp_path, custom_hooks=[MetricsHook()]))
     last = runner.train()
-    assert len(seen) == 2 and set(seen[-1]) == {'mse'} and seen[-1] == last
+    assert len(seen) == 2 and set(seen[-1]) == {'mse', 'val_loss'} and seen[-1] == last
     runner.close()
 
 

@@ -5,6 +5,14 @@ from .iter_timer_hook import IterTimerHook
 from .logger_hook import LoggerHook
 from .param_scheduler_hook import ParamSchedulerHook
 from .sampler_seed_hook import DistSamplerSeedHook
+from .ema_hook import EMAHook
+from .early_stopping_hook import EarlyStoppingHook
+from .nan_guard_hook import NanGuardHook, NonFiniteLossError
+from .profiler_hook import ProfilerHook
+from .empty_cache_hook import EmptyCacheHook
+from .sync_buffers_hook import SyncBuffersHook
 
 __all__ = ['Hook', 'PRIORITIES', 'STAGES', 'get_priority', 'CheckpointHook', 'IterTimerHook',
-           'LoggerHook', 'ParamSchedulerHook', 'DistSamplerSeedHook']
+           'LoggerHook', 'ParamSchedulerHook', 'DistSamplerSeedHook',
+           'EMAHook', 'EarlyStoppingHook', 'NanGuardHook', 'NonFiniteLossError', 'ProfilerHook',
+           'EmptyCacheHook', 'SyncBuffersHook']

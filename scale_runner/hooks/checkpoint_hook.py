@@ -1,12 +1,39 @@
-"""CheckpointHook: periodic, crash-safe checkpoints with retention."""
+"""CheckpointHook: periodic, crash-safe checkpoints with retention, and best checkpoints."""
 from __future__ import annotations
 
+import math
+import re
 import shutil
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..preemption import PreemptionHook
 from ..registry import HOOKS
 from .hook import Hook
+
+# ``rule`` inferred from the metric name (as in MMEngine); anything else needs an explicit rule.
+GREATER_KEYS = ('acc', 'accuracy', 'top', 'f1', 'precision', 'recall', 'map', 'ap', 'auc', 'iou',
+                'miou', 'psnr', 'ssim', 'bleu', 'rouge', 'r2')
+LESS_KEYS = ('loss', 'error', 'err', 'perplexity', 'ppl', 'mse', 'mae', 'rmse', 'wer', 'cer')
+RULES = {'greater': lambda a, b: a > b, 'less': lambda a, b: a < b}
+
+
+def infer_rule(key: str) -> str:
+    """``'greater'`` or ``'less'`` from a metric name such as ``val/accuracy`` or ``top1_acc``."""
+    tokens = [t for t in re.split(r'[^a-z0-9]+', key.lower()) if t]
+    found = set()
+    for rule, names in (('greater', GREATER_KEYS), ('less', LESS_KEYS)):
+        if any(t in names or t.rstrip('0123456789') in names for t in tokens):
+            found.add(rule)
+    if not found:  # substrings: 'mAP50', 'bbox_mAP', 'val_loss_total'
+        for rule, names in (('greater', GREATER_KEYS), ('less', LESS_KEYS)):
+            if any(len(n) > 2 and n in key.lower() for n in names):
+                found.add(rule)
+    if len(found) != 1:
+        raise ConfigError(
+            f'default_hooks.checkpoint: cannot tell whether a greater or a smaller {key!r} is '
+            f"better; set rule='greater' or rule='less' (or a list of rules, one per save_best key)")
+    return found.pop()
 
 
 @HOOKS.register_module()
@@ -15,7 +42,21 @@ class CheckpointHook(Hook):
 
     ``by_epoch=None`` follows the train loop. ``max_keep_ckpts`` keeps the newest N periodic
     checkpoints; older ones are deleted only after a newer one is completely written.
-    ``filename_tmpl`` defaults to ``'epoch_{}'`` / ``'iter_{}'``.
+    ``filename_tmpl`` defaults to ``'epoch_{}'`` / ``'iter_{}'``. Nothing is saved before
+    ``save_begin`` (epochs or iterations). ``save_optimizer`` / ``save_param_scheduler=False``
+    leave those states out (such a checkpoint cannot be resumed exactly).
+
+    ``save_best``: ``'auto'`` (the first metric of each validation), a metric key, or a list
+    of keys. After every validation during training whose metric beats the best so far (by
+    ``rule``: ``'greater'``/``'less'``, inferred for common names, or a list of rules), a
+    checkpoint ``best_<key>_<epoch|iter>_<N>`` is written; only the newest ``max_keep_best``
+    of each key are kept (1 by default), separately from the periodic retention. The best
+    scores are published as ``runner.best_scores`` (``{key: score}``) and saved with every
+    checkpoint, so they survive a resume.
+
+    ``preemption=True`` (default) handles SIGTERM / SIGINT / SIGUSR1 during training: a
+    checkpoint ``preempt_iter_<N>`` at the next iteration boundary, then exit ``128 + signum``
+    (see :mod:`scale_runner.preemption`); ``preemption=False`` leaves signals alone.
     """
 
     priority = 'VERY_LOW'
@@ -23,9 +64,20 @@ class CheckpointHook(Hook):
     def __init__(self, interval: int = 1, by_epoch: bool | None = None, save_optimizer: bool = True,
                  save_param_scheduler: bool = True, out_dir: str | None = None,
                  max_keep_ckpts: int = -1, save_last: bool = True, save_begin: int = 0,
-                 filename_tmpl: str | None = None):
+                 filename_tmpl: str | None = None, save_best: str | list | None = None,
+                 rule: str | list | None = None, max_keep_best: int = 1,
+                 preemption: bool | dict = True):
         if not isinstance(interval, int):
             raise ConfigError(f'default_hooks.checkpoint.interval must be an int, got {interval!r}')
+        if filename_tmpl is not None and (not isinstance(filename_tmpl, str) or '{}' not in filename_tmpl):
+            raise ConfigError(f"default_hooks.checkpoint.filename_tmpl must be a string with '{{}}' "
+                              f"for the epoch/iteration, e.g. 'epoch_{{}}', got {filename_tmpl!r}")
+        if filename_tmpl is not None and ('/' in filename_tmpl or filename_tmpl.startswith('.')):
+            raise ConfigError(f'default_hooks.checkpoint.filename_tmpl {filename_tmpl!r} must name a '
+                              f'directory inside out_dir (no "/", no leading ".")')
+        if not isinstance(max_keep_best, int) or max_keep_best == 0:
+            raise ConfigError(f'default_hooks.checkpoint.max_keep_best must be a non-zero int '
+                              f'(-1 keeps every best checkpoint), got {max_keep_best!r}')
         self.interval = interval
         self.by_epoch = by_epoch
         self.save_optimizer = save_optimizer
@@ -35,7 +87,38 @@ class CheckpointHook(Hook):
         self.save_last = save_last
         self.save_begin = save_begin
         self.filename_tmpl = filename_tmpl
+        self.max_keep_best = max_keep_best
+        self.save_best, self.rules = self._check_best(save_best, rule)
+        self.best: dict[str, dict] = {}  # key -> {'score': float, 'ckpts': [names]}
+        self.last_saved_iter: int | None = None
         self._saved: list[str] = []
+        self._training = False
+        self.preemption = (PreemptionHook(**(preemption if isinstance(preemption, dict) else {}))
+                           if preemption else None)
+
+    @staticmethod
+    def _check_best(save_best, rule) -> tuple[list | None, list]:
+        if save_best is None:
+            if rule is not None:
+                raise ConfigError('default_hooks.checkpoint.rule is set but save_best is not: '
+                                  "add save_best='auto' (or a metric key)")
+            return None, []
+        keys = [save_best] if isinstance(save_best, str) else list(save_best)
+        if not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ConfigError(f"default_hooks.checkpoint.save_best must be 'auto', a metric key or a "
+                              f'list of keys, got {save_best!r}')
+        if 'auto' in keys and len(keys) > 1:
+            raise ConfigError("default_hooks.checkpoint.save_best: 'auto' cannot be combined with keys")
+        rules = rule if isinstance(rule, (list, tuple)) else [rule] * len(keys)
+        if len(rules) != len(keys):
+            raise ConfigError(f'default_hooks.checkpoint.rule has {len(rules)} entries for '
+                              f'{len(keys)} save_best keys: give one rule per key')
+        for r in rules:
+            if r is not None and r not in RULES:
+                raise ConfigError(f"default_hooks.checkpoint.rule must be 'greater' or 'less', got {r!r}")
+        # Known keys: infer now, so a missing rule fails before training, not after an epoch.
+        rules = [r if r is not None or k == 'auto' else infer_rule(k) for k, r in zip(keys, rules)]
+        return keys, rules
 
     def before_train(self, runner) -> None:
         if self.by_epoch is None:
@@ -43,6 +126,19 @@ class CheckpointHook(Hook):
         if self.filename_tmpl is None:
             self.filename_tmpl = 'epoch_{}' if self.by_epoch else 'iter_{}'
         self.root = Path(self.out_dir) if self.out_dir else runner.checkpoint_dir
+        self._training = True
+        self._publish(runner)
+        if self.preemption is not None:
+            self.preemption.before_train(runner)
+
+    def after_train(self, runner) -> None:
+        self._training = False
+        if self.preemption is not None:
+            self.preemption.after_train(runner)
+
+    def after_run(self, runner) -> None:
+        if self.preemption is not None:
+            self.preemption.after_run(runner)
 
     def after_train_epoch(self, runner) -> None:
         if self.by_epoch and self._due(runner.epoch, runner.state.max_epochs):
@@ -51,6 +147,8 @@ class CheckpointHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if not self.by_epoch and self._due(runner.iter, runner.max_iters):
             self._save(runner, runner.iter)
+        if self.preemption is not None:
+            self.preemption.after_train_iter(runner, batch_idx)
 
     def _due(self, progress: int, last: int | None) -> bool:
         if progress < self.save_begin:
@@ -58,26 +156,83 @@ class CheckpointHook(Hook):
         periodic = self.interval > 0 and progress % self.interval == 0
         return periodic or (self.save_last and progress == last)
 
+    def _write(self, runner, name: str) -> None:
+        runner.save_checkpoint(self.root / name, save_optimizer=self.save_optimizer,
+                               save_param_scheduler=self.save_param_scheduler)
+        self.last_saved_iter = runner.iter
+
     def _save(self, runner, progress: int) -> None:
         name = self.filename_tmpl.format(progress)
         # Listed before saving, so the checkpoint's own copy of the list includes itself.
         if name in self._saved:
             self._saved.remove(name)
         self._saved.append(name)
-        runner.save_checkpoint(self.root / name, save_optimizer=self.save_optimizer,
-                               save_param_scheduler=self.save_param_scheduler)
-        if self.max_keep_ckpts > 0 and runner.accelerator.is_main_process:
-            while len(self._saved) > self.max_keep_ckpts:
-                shutil.rmtree(self.root / self._saved.pop(0), ignore_errors=True)
+        self._write(runner, name)
+        if runner.accelerator.is_main_process:
+            if self.max_keep_ckpts > 0:
+                while len(self._saved) > self.max_keep_ckpts:
+                    self._remove(self._saved.pop(0))
+            # A preemption checkpoint is older than this one: it has served its purpose.
+            for old in self.root.glob('preempt_iter_*'):
+                self._remove(old.name)
 
+    def _remove(self, name: str) -> None:
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
+    # ---- best checkpoints ----------------------------------------------------------------
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if not self._training or not self.save_best or not metrics:
+            return
+        keys, rules = self.save_best, self.rules
+        if keys == ['auto']:
+            keys = [next(iter(metrics))]
+            rules = [rules[0] or infer_rule(keys[0])]
+        improved = []
+        for key, rule in zip(keys, rules):
+            if key not in metrics:
+                raise ConfigError(f'default_hooks.checkpoint.save_best: metric {key!r} is not among '
+                                  f'the validation metrics {sorted(metrics)}')
+            score = float(metrics[key])
+            best = self.best.get(key)
+            if math.isnan(score) or (best is not None and not RULES[rule](score, best['score'])):
+                continue
+            improved.append((key, score))
+        for key, score in improved:
+            progress = runner.epoch if self.by_epoch else runner.iter
+            unit = 'epoch' if self.by_epoch else 'iter'
+            name = f'best_{re.sub(r"[^A-Za-z0-9_.-]+", "_", key)}_{unit}_{progress}'
+            entry = self.best.setdefault(key, {'score': score, 'ckpts': []})
+            entry['score'] = score
+            if name in entry['ckpts']:
+                entry['ckpts'].remove(name)
+            entry['ckpts'].append(name)
+            self._publish(runner)
+            self._write(runner, name)
+            if runner.accelerator.is_main_process and self.max_keep_best > 0:
+                while len(entry['ckpts']) > self.max_keep_best:
+                    self._remove(entry['ckpts'].pop(0))
+            runner.logger.info(f'best {key} = {score:.6g}: saved {self.root / name}')
+
+    def _publish(self, runner) -> None:
+        runner.best_scores = {k: v['score'] for k, v in self.best.items()}
+
+    @property
+    def best_ckpt_paths(self) -> dict[str, Path]:
+        return {k: self.root / v['ckpts'][-1] for k, v in self.best.items() if v['ckpts']}
+
+    # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {'saved': list(self._saved)}
+        return {'saved': list(self._saved),
+                'best': {k: {'score': v['score'], 'ckpts': list(v['ckpts'])} for k, v in self.best.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self._saved = list(state.get('saved', []))
+        self.best = {k: {'score': float(v['score']), 'ckpts': list(v['ckpts'])}
+                     for k, v in (state.get('best') or {}).items()}
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint['hooks']['CheckpointHook'] = self.state_dict()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self.load_state_dict(checkpoint.get('hooks', {}).get('CheckpointHook', {}))
+        self._publish(runner)

@@ -1,104 +1,228 @@
-"""LoggerHook: console lines and a JSON-lines scalars file in the run's log directory."""
+"""LoggerHook: console lines, the JSON-lines scalars file, experiment trackers, progress bar."""
 from __future__ import annotations
 
 import datetime
 import json
 import math
+from typing import Any
 
 from ..registry import HOOKS
 from .hook import Hook
 
-TIME_KEYS = ('time', 'data_time')
+FIRST_KEYS = ('lr', 'eta', 'time', 'data_time', 'samples_per_s', 'tokens_per_s', 'memory')
 
 
 @HOOKS.register_module()
 class LoggerHook(Hook):
-    """Every ``interval`` iterations: the window mean of losses and times, the current lr.
-
-    Lines read like MMEngine's::
+    """Every ``interval`` iterations: the window mean (MMEngine's LogProcessor) of losses,
+    times and throughput, the current lr, the ETA and peak GPU memory. Lines read like MMEngine's::
 
         Epoch(train) [2][ 40/100]  lr: 1.0000e-03  eta: 0:01:12  time: 0.0510  data_time: 0.0020  loss: 0.4123
+        Iter(train) [ 400/5000]  lr: ...
+        Epoch(val) [2][20/20]  accuracy: 0.9100  time: 0.0102  data_time: 0.0011
 
-    Every logged scalar also goes to ``<log_dir>/scalars.jsonl`` with ``step`` = train iteration.
+    ``by_epoch=None`` follows the train loop; ``ignore_last=True`` skips the last, partial
+    window of an epoch (and of an iteration-based run). Every logged scalar also goes to
+    ``<work_dir>/<timestamp>/scalars.jsonl`` (``{"step", "epoch", "iter", **values}``, step = train
+    iteration) and, on the main process, to the runner's ``trackers`` with the same step and
+    values (validation as ``val/<metric>``, test as ``test/<metric>``). ``progress_bar``:
+    ``None`` = on an interactive terminal only (see ``scale_runner.progress``).
+    ``log_metric_by_epoch`` is accepted for MMEngine configs; steps are always train iterations.
     """
 
     priority = 'BELOW_NORMAL'
 
     def __init__(self, interval: int = 10, by_epoch: bool | None = None, ignore_last: bool = True,
-                 log_metric_by_epoch: bool = True):
-        if not isinstance(interval, int) or interval < 1:
+                 log_metric_by_epoch: bool = True, progress_bar: bool | None = None):
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
             from ..errors import ConfigError
             raise ConfigError(f'default_hooks.logger.interval must be a positive int, got {interval!r}')
         self.interval = interval
         self.by_epoch = by_epoch
         self.ignore_last = ignore_last
         self.log_metric_by_epoch = log_metric_by_epoch
+        self.progress_bar = progress_bar
         self._file = None
+        self._trackers = None
+        self._bar = None
+        self._tracker_state: dict = {}
 
+    # ---- run ----------------------------------------------------------------------------------
     def before_run(self, runner) -> None:
-        if self.by_epoch is None:
+        from ..trackers import Trackers
+        if runner.train_loop is not None and (self.by_epoch is None or runner.state.max_epochs is None):
             self.by_epoch = runner.state.max_epochs is not None
-        if runner.accelerator.is_main_process and self._file is None:
+        main = runner.accelerator.is_main_process
+        if main and self._file is None:
             self._file = open(runner.log_dir / 'scalars.jsonl', 'a', buffering=1)
+        if self._trackers is None:  # checked on every rank: a missing package fails everywhere
+            self._trackers = Trackers(getattr(runner, 'trackers', None))
+            self._trackers.load_state_dict(self._tracker_state)
+        from ..progress import ProgressBar, progress_wanted
+        if self._bar is None and progress_wanted(self.progress_bar, main, runner.logger):
+            self._bar = ProgressBar(runner.logger)
 
     def after_run(self, runner) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._trackers is not None:
+            self._trackers.finish(runner)
         if self._file is not None:
             self._file.close()
             self._file = None
 
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self._trackers is not None:
+            checkpoint['hooks']['LoggerHook'] = self._trackers.state_dict()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._tracker_state = dict(checkpoint.get('hooks', {}).get('LoggerHook', {}))
+        if self._trackers is not None:
+            self._trackers.load_state_dict(self._tracker_state)
+
+    # ---- train --------------------------------------------------------------------------------
+    def before_train(self, runner) -> None:
+        self._trackers.start(runner)
+        if self._bar is not None and not self.by_epoch:
+            self._bar.start_task('train', runner.max_iters, runner.iter)
+
+    def before_train_epoch(self, runner) -> None:
+        runner.log_buffer.clear_window('train')  # an ignored last window does not leak on
+        if self._bar is not None and self.by_epoch:
+            self._bar.start_task(f'train {runner.epoch + 1}/{runner.max_epochs}',
+                                 _len(runner.train_loop.dataloader), runner.state.inner_iter)
+
+    def after_train_epoch(self, runner) -> None:
+        if self._bar is not None and self.by_epoch:
+            self._bar.end_task(f'train {runner.epoch}/{runner.max_epochs}')
+
+    def after_train(self, runner) -> None:
+        if self._bar is not None and not self.by_epoch:
+            self._bar.end_task('train')
+
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         buf = runner.log_buffer
-        if outputs:
-            for k, v in outputs.items():
-                buf.update(k, v)
-        n_batches = _len(runner.train_loop.dataloader)
-        progress = runner.state.inner_iter if self.by_epoch else runner.iter
-        at_interval = progress % self.interval == 0
-        end_of_epoch = self.by_epoch and not self.ignore_last and runner.state.inner_iter == n_batches
-        if not (at_interval or end_of_epoch):
-            return
-        values = {'lr': runner.optim_wrapper.get_lr()['lr'][0]}
-        if runner.optim_wrapper.grad_norm is not None:
-            values['grad_norm'] = float(runner.optim_wrapper.grad_norm)
-        for key in buf.keys():
-            values[key] = buf.mean(key)
-        buf.clear_window()
-        if self.by_epoch and runner.state.max_epochs:
-            width = len(str(n_batches))
-            head = f'Epoch(train) [{runner.epoch + 1}][{runner.state.inner_iter:>{width}}/{n_batches}]'
+        for k, v in (outputs or {}).items():
+            buf.update(k, v, 'train')
+        if self._bar is not None:
+            self._bar.advance(f'train {runner.epoch + 1}/{runner.max_epochs}' if self.by_epoch
+                              else 'train')
+        if self.by_epoch:
+            # len() of a prepared dataloader is not free: only asked at a possible epoch end.
+            due = (runner.state.inner_iter % self.interval == 0
+                   or (not self.ignore_last
+                       and runner.state.inner_iter == _len(runner.train_loop.dataloader)))
         else:
-            width = len(str(runner.max_iters))
-            head = f'Iter(train) [{runner.iter:>{width}}/{runner.max_iters}]'
+            due = (runner.iter % self.interval == 0
+                   or (not self.ignore_last and runner.iter == runner.max_iters))
+        if not due:
+            return
         timer = runner.get_hook('IterTimerHook')
-        eta = str(datetime.timedelta(seconds=int(timer.eta_seconds(runner)))) if timer else None
-        runner.logger.info(f'{head}  {_format(values, eta)}')
-        self._write(runner, values)
+        values: dict[str, Any] = {'lr': runner.optim_wrapper.get_lr()['lr'][0]}
+        means = buf.means('train')
+        buf.clear_window('train')
+        for key in FIRST_KEYS[2:6]:
+            if key in means:
+                values[key] = means.pop(key)
+        memory = timer.memory_mb(runner) if timer is not None else None
+        if memory is not None:
+            values['memory'] = memory
+        grad_norm = getattr(runner.optim_wrapper, 'grad_norm', None)
+        if grad_norm is not None:
+            values['grad_norm'] = float(grad_norm)
+        skipped = getattr(runner.optim_wrapper, 'skipped_steps', None)
+        if skipped is not None:
+            values['skipped_steps'] = skipped  # fp16 grad scaler: steps skipped so far
+        values.update(means)
+        if self.by_epoch:
+            n_batches = _len(runner.train_loop.dataloader)
+            head = (f'Epoch(train) [{runner.epoch + 1}]'
+                    f'[{runner.state.inner_iter:>{len(str(n_batches))}}/{n_batches}]')
+        else:
+            head = f'Iter(train) [{runner.iter:>{len(str(runner.max_iters))}}/{runner.max_iters}]'
+        eta = timer.eta_seconds(runner) if timer is not None else None
+        runner.logger.info(f'{head}  {format_values(values, eta)}')
+        self._emit(runner, values)
+
+    # ---- val / test ---------------------------------------------------------------------------
+    def before_val(self, runner) -> None:
+        self._before_eval(runner, 'val')
+
+    def before_test(self, runner) -> None:
+        self._before_eval(runner, 'test')
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self._eval_iter(runner, 'val', batch_idx)
+
+    def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self._eval_iter(runner, 'test', batch_idx)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        self._log_metrics(runner, 'val', metrics)
+        self._after_eval(runner, 'val', metrics)
 
     def after_test_epoch(self, runner, metrics=None) -> None:
-        self._log_metrics(runner, 'test', metrics)
+        self._after_eval(runner, 'test', metrics)
 
-    def _log_metrics(self, runner, stage: str, metrics: dict | None) -> None:
-        metrics = metrics or {}
+    def _before_eval(self, runner, stage: str) -> None:
+        self._trackers.start(runner)
+        runner.log_buffer.clear_window(stage)
+        if self._bar is not None:
+            self._bar.start_task(stage, _len(_eval_loader(runner, stage)))
+
+    def _eval_head(self, runner, stage: str, done: int, total: int) -> str:
+        width = len(str(total))
         if self.by_epoch and runner.state.max_epochs:
-            head = f'Epoch({stage}) [{runner.epoch}]'
-        else:
-            head = f'Iter({stage}) [{runner.iter}]'
-        runner.logger.info(f'{head}  {_format(metrics, None)}')
-        self._write(runner, {f'{stage}/{k}': v for k, v in metrics.items()})
+            return f'Epoch({stage}) [{max(runner.epoch, 1)}][{done:>{width}}/{total}]'
+        return f'Iter({stage}) [{done:>{width}}/{total}]'
 
-    def _write(self, runner, values: dict) -> None:
+    def _eval_iter(self, runner, stage: str, batch_idx: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(stage)
+        done = batch_idx + 1
+        total = _len(_eval_loader(runner, stage))
+        if done % self.interval or done == total:  # the last one: the metrics line follows
+            return
+        timer = runner.get_hook('IterTimerHook')
+        eta = timer.eval_eta_seconds(done, total) if timer is not None else None
+        means = runner.log_buffer.means(stage)
+        runner.logger.info(f'{self._eval_head(runner, stage, done, total)}  {format_values(means, eta)}')
+
+    def _after_eval(self, runner, stage: str, metrics: dict | None) -> None:
+        if self._bar is not None:
+            self._bar.end_task(stage)
+        metrics = dict(metrics or {})
+        total = _len(_eval_loader(runner, stage))
+        means = runner.log_buffer.means(stage)
+        timing = {k: means[k] for k in FIRST_KEYS if k in means}
+        runner.log_buffer.clear_window(stage)
+        line = format_values({**metrics, **timing}, None, order=False)
+        runner.logger.info(f'{self._eval_head(runner, stage, total, total)}  {line}')
+        self._emit(runner, {f'{stage}/{k}': v for k, v in metrics.items()})
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def _emit(self, runner, values: dict) -> None:
+        """The same numbers, at the same step, to the scalars file and every tracker."""
         if self._file is None:
             return
-        record = {'step': runner.iter, 'epoch': runner.epoch, 'iter': runner.iter}
+        scalars = {}
         for k, v in values.items():
             try:
-                record[k] = float(v)
+                v = float(v)
             except (TypeError, ValueError):
                 continue
-        self._file.write(json.dumps(record) + '\n')
+            if math.isfinite(v):
+                scalars[k] = int(v) if k == 'memory' else v
+        if not scalars:
+            return
+        step = runner.iter
+        self._file.write(json.dumps({'step': step, 'epoch': runner.epoch, 'iter': runner.iter,
+                                     **scalars}) + '\n')
+        self._trackers.log(runner, scalars, step)
+
+
+def _eval_loader(runner, stage: str):
+    loop = getattr(runner, f'{stage}_loop', None)
+    return getattr(loop, 'dataloader', None)
 
 
 def _len(dataloader) -> int:
@@ -108,21 +232,36 @@ def _len(dataloader) -> int:
         return 0
 
 
-def _format(values: dict, eta: str | None) -> str:
+def format_values(values: dict, eta: float | None, order: bool = True) -> str:
+    """``lr: 1.0000e-03  eta: 0:01:12  time: 0.0510  ...`` (MMEngine's order when ``order``)."""
+    values = dict(values)
     parts = []
-    if 'lr' in values:
-        parts.append(f'lr: {values["lr"]:.4e}')
     if eta is not None:
-        parts.append(f'eta: {eta}')
-    for key in TIME_KEYS:
-        if key in values:
-            parts.append(f'{key}: {values[key]:.4f}')
-    for key, v in values.items():
-        if key in TIME_KEYS or key == 'lr':
-            continue
-        try:
-            v = float(v)
-            parts.append(f'{key}: {v:.4f}' if math.isfinite(v) and abs(v) >= 1e-3 or v == 0 else f'{key}: {v:.4e}')
-        except (TypeError, ValueError):
-            parts.append(f'{key}: {v}')
+        values['eta'] = eta
+    keys = [k for k in FIRST_KEYS if k in values] if order else []
+    keys += [k for k in values if k not in keys and k != 'eta']
+    if not order and 'eta' in values:
+        keys.insert(0, 'eta')
+    for key in keys:
+        v = values[key]
+        if key == 'eta':
+            parts.append(f'eta: {datetime.timedelta(seconds=int(v))}')
+        elif key == 'lr':
+            parts.append(f'lr: {float(v):.4e}')
+        elif key == 'memory':
+            parts.append(f'memory: {int(v)}')
+        elif key in ('samples_per_s', 'tokens_per_s'):
+            parts.append(f'{key}: {float(v):.1f}')
+        else:
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                parts.append(f'{key}: {v}')
+                continue
+            if isinstance(v, int) and not isinstance(v, bool):
+                parts.append(f'{key}: {v}')
+            elif f == 0 or (math.isfinite(f) and 1e-3 <= abs(f) < 1e6):
+                parts.append(f'{key}: {f:.4f}')
+            else:
+                parts.append(f'{key}: {f:.4e}')
     return '  '.join(parts)

@@ -1,0 +1,162 @@
+"""EMAHook: an exponential moving average of the weights, used for validation and test."""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..errors import ConfigError
+from ..model import unwrap
+from ..registry import HOOKS
+from .hook import Hook
+
+
+@HOOKS.register_module()
+class EMAHook(Hook):
+    """MMEngine's ``EMAHook`` with ``ExponentialMovingAverage``: after every optimizer *update*
+    (not every micro-batch; a skipped update does not count), ``ema += momentum * (param - ema)``.
+
+    - ``momentum``: weight of the new weights (MMEngine's convention; 0.0002 by default).
+    - ``interval``: average every ``interval`` updates.
+    - ``update_buffers``: average floating-point buffers (BatchNorm statistics) too; otherwise
+      the averaged model uses the live buffers.
+    - ``begin_iter`` / ``begin_epoch``: until iteration ``begin_iter`` (1-based) / epoch
+      ``begin_epoch`` the average just follows the weights; averaging starts from there.
+    - ``strict_load``: on resume, a checkpoint without EMA state (or with other keys) is an
+      error; otherwise the average restarts from the resumed weights (with a warning).
+
+    The averaged weights are swapped into the model for every validation and test epoch and
+    swapped back after (exact copies, so training continues bit for bit). Checkpoints hold the
+    *training* weights in ``model.safetensors`` (so resume is exact) and the average under
+    ``hooks.EMAHook.ema.*`` in ``state.safetensors``. Works on DDP-wrapped models (the average
+    is kept per process; every rank has the same weights, so the same average).
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, ema_type: str = 'ExponentialMovingAverage', momentum: float = 0.0002,
+                 interval: int = 1, update_buffers: bool = False, strict_load: bool = False,
+                 begin_iter: int = 0, begin_epoch: int = 0):
+        if ema_type != 'ExponentialMovingAverage':
+            raise ConfigError(f"EMAHook.ema_type: only 'ExponentialMovingAverage' is supported, "
+                              f'got {ema_type!r}')
+        if not isinstance(momentum, (int, float)) or not 0 < momentum < 1:
+            raise ConfigError(f'EMAHook.momentum must be in (0, 1), got {momentum!r} (the weight of '
+                              f'the new weights: ema = (1 - momentum) * ema + momentum * param)')
+        for name, value in (('interval', interval), ('begin_iter', begin_iter), ('begin_epoch', begin_epoch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name == 'interval'):
+                raise ConfigError(f'EMAHook.{name} must be an int >= {int(name == "interval")}, got {value!r}')
+        if begin_iter and begin_epoch:
+            raise ConfigError('EMAHook: set begin_iter or begin_epoch, not both')
+        self.momentum = float(momentum)
+        self.interval = interval
+        self.update_buffers = update_buffers
+        self.strict_load = strict_load
+        self.begin_iter = begin_iter
+        self.begin_epoch = begin_epoch
+        self.steps = 0           # updates averaged (the first one copies)
+        self._names: list[str] = []
+        self._src: list[torch.Tensor] = []
+        self._ema: list[torch.Tensor] = []
+        self._seen_updates = 0
+        self._swapped = False
+
+    # ---- setup ------------------------------------------------------------------------------
+    def before_run(self, runner) -> None:
+        model = unwrap(runner.model)
+        named = list(model.named_parameters())
+        if self.update_buffers:
+            named += list(model.named_buffers())
+        named = [(n, t) for n, t in named if t.is_floating_point()]
+        self._names = [n for n, _ in named]
+        self._src = [t.detach() for _, t in named]
+        self._ema = [t.clone() for t in self._src]
+
+    def before_train(self, runner) -> None:
+        self._seen_updates = runner.optim_wrapper.update_count
+        if runner.max_epochs is not None and self.begin_epoch > runner.max_epochs:
+            runner.logger.warning(f'EMAHook.begin_epoch={self.begin_epoch} > max_epochs: no averaging')
+        elif runner.max_iters is not None and self.begin_iter > runner.max_iters:
+            runner.logger.warning(f'EMAHook.begin_iter={self.begin_iter} > max_iters: no averaging')
+
+    # ---- averaging --------------------------------------------------------------------------
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        updates = runner.optim_wrapper.update_count
+        if updates == self._seen_updates:
+            return  # a micro-batch inside an accumulation window, or a skipped update
+        self._seen_updates = updates
+        with torch.no_grad():
+            if runner.iter < self.begin_iter or runner.epoch + 1 < self.begin_epoch:
+                torch._foreach_copy_(self._ema, self._src)  # not started: follow the weights
+                return
+            if self.steps == 0:
+                torch._foreach_copy_(self._ema, self._src)
+            elif self.steps % self.interval == 0:
+                torch._foreach_lerp_(self._ema, self._src, self.momentum)
+        self.steps += 1
+
+    @property
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors by name (the live ones, not copies)."""
+        return dict(zip(self._names, self._swapped and self._src or self._ema))
+
+    # ---- validation / test use the average ----------------------------------------------------
+    def _swap(self, want: bool) -> None:
+        if self._swapped == want:
+            return
+        with torch.no_grad():
+            for src, ema in zip(self._src, self._ema):
+                tmp = src.clone()
+                src.copy_(ema)
+                ema.copy_(tmp)
+        self._swapped = want
+
+    def before_val_epoch(self, runner) -> None:
+        self._swap(True)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._swap(False)  # before CheckpointHook's best checkpoints: they hold training weights
+
+    before_test_epoch = before_val_epoch
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._swap(False)
+
+    def after_run(self, runner) -> None:
+        self._swap(False)  # an exception during validation must not leave the average in
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self._swapped:
+            runner.logger.warning('EMAHook: a checkpoint is saved while the averaged weights are '
+                                  'swapped in; its model weights are the average, not training\'s')
+        checkpoint['hooks']['EMAHook'] = {'ema': self.ema_state_dict, 'steps': self.steps,
+                                          'momentum': self.momentum}
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = checkpoint.get('hooks', {}).get('EMAHook')
+        if state is None:
+            if self.strict_load:
+                raise CheckpointError('EMAHook(strict_load=True): the checkpoint has no EMA state; '
+                                      'set strict_load=False to restart the average from its weights')
+            runner.logger.warning('EMAHook: the checkpoint has no EMA state; the average restarts '
+                                  'from the resumed weights')
+            with torch.no_grad():
+                torch._foreach_copy_(self._ema, self._src)
+            self.steps = 0
+            return
+        saved = state.get('ema', {})
+        missing = [n for n in self._names if n not in saved]
+        unexpected = [n for n in saved if n not in self._names]
+        if self.strict_load and (missing or unexpected):
+            raise CheckpointError(f'EMAHook(strict_load=True): EMA state does not match the model: '
+                                  f'missing {missing}, unexpected {unexpected}')
+        with torch.no_grad():
+            for name, ema, src in zip(self._names, self._ema, self._src):
+                if name in saved:
+                    if saved[name].shape != ema.shape:
+                        raise CheckpointError(f'EMAHook: {name} has shape {tuple(saved[name].shape)} '
+                                              f'in the checkpoint, {tuple(ema.shape)} in the model')
+                    ema.copy_(saved[name])
+                else:
+                    ema.copy_(src)
+        self.steps = int(state.get('steps', 0))

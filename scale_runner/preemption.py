@@ -1,0 +1,123 @@
+"""Preemption: a signal asks for a checkpoint at the next iteration boundary, then an exit.
+
+SIGTERM, SIGINT and SIGUSR1 only record the signal (the handler does nothing else, so a
+signal can never interrupt a checkpoint being written; a second one during the save is
+ignored). After every train iteration the ranks agree on it (one all-reduce of one integer,
+only when there are several processes; on one process the check is an attribute read), then
+all of them write ``preempt_iter_<N>`` together (the ``latest`` pointer moves to it), and
+exit with code ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1).
+Under SLURM (``SLURM_JOB_ID`` set) the main process first runs
+``scontrol requeue $SLURM_JOB_ID``; the requeued job resumes with ``--resume`` (``resume=True``)
+and continues the step numbering from the checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+from .hooks.hook import Hook
+from .registry import HOOKS
+
+SIGNALS = ('SIGTERM', 'SIGINT', 'SIGUSR1')
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; its code is ``128 + signum``."""
+
+
+@HOOKS.register_module()
+class PreemptionHook(Hook):
+    """Checkpoint-and-exit on SIGTERM / SIGINT / SIGUSR1 (see the module docstring).
+
+    ``requeue``: run ``scontrol requeue $SLURM_JOB_ID`` when ``SLURM_JOB_ID`` is set.
+    """
+
+    # CheckpointHook runs one of these at the end of its after_train_iter (preemption=True, the
+    # default), so nothing else needs registering; as a hook of its own, run it after
+    # CheckpointHook, so a checkpoint that hook just wrote is not written twice.
+    priority = 'LOWEST'
+
+    def __init__(self, signals: tuple | list = SIGNALS, requeue: bool = True):
+        self.signals = [getattr(signal, s) if isinstance(s, str) else signal.Signals(s) for s in signals]
+        self.requeue = requeue
+        self.signum = 0
+        self._previous: dict = {}
+        self._world = 1
+
+    def _handler(self, signum, frame) -> None:
+        if not self.signum:  # the first signal decides; later ones change nothing
+            self.signum = signum
+
+    def before_train(self, runner) -> None:
+        self._world = runner.accelerator.num_processes
+        if threading.current_thread() is not threading.main_thread():
+            runner.logger.warning('PreemptionHook: not in the main thread, signals are not handled')
+            return
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handler)
+
+    def _restore(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def after_train(self, runner) -> None:
+        self._restore()
+
+    def after_run(self, runner) -> None:
+        self._restore()
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        signum = self.signum
+        if self._world > 1:
+            signum = _agree(runner.accelerator, signum)
+        if signum:
+            self.preempt(runner, signum)
+
+    def preempt(self, runner, signum: int) -> None:
+        """Save (collectively), requeue under SLURM, exit with ``128 + signum``."""
+        name = signal.Signals(signum).name
+        ckpt_hook = runner.get_hook('CheckpointHook')
+        root = getattr(ckpt_hook, 'root', None) or runner.checkpoint_dir
+        if ckpt_hook is not None and ckpt_hook.last_saved_iter == runner.iter:
+            path = root / 'latest'  # CheckpointHook has just saved this very iteration
+            runner.logger.warning(f'{name} received: iteration {runner.iter} is already saved')
+        else:
+            runner.logger.warning(f'{name} received: saving a checkpoint at iteration {runner.iter}')
+            path = runner.save_checkpoint(root / f'preempt_iter_{runner.iter}')
+            if runner.accelerator.is_main_process:
+                for old in root.glob('preempt_iter_*'):
+                    if old.name != path.name:
+                        import shutil
+                        shutil.rmtree(old, ignore_errors=True)
+        if self.requeue and os.environ.get('SLURM_JOB_ID') and runner.accelerator.is_main_process:
+            _requeue(runner.logger, os.environ['SLURM_JOB_ID'])
+        code = 128 + int(signum)
+        runner.logger.warning(f'preempted by {name}: exiting with code {code}; resume with --resume '
+                              f'(checkpoint {path})')
+        runner.accelerator.wait_for_everyone()
+        raise Preempted(code)
+
+
+def _agree(accelerator, signum: int) -> int:
+    """The largest signal number any rank received (0: none) — one tiny all-reduce."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([signum], dtype=torch.int32, device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _requeue(logger, job_id: str) -> None:
+    cmd = ['scontrol', 'requeue', job_id]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        logger.error(f'`{" ".join(cmd)}` failed: {e}; requeue the job by hand')
+        return
+    if proc.returncode != 0:
+        logger.error(f'`{" ".join(cmd)}` exited with {proc.returncode}: {proc.stderr.strip()}')
+    else:
+        logger.warning(f'requeued SLURM job {job_id}')

@@ -1,0 +1,438 @@
+"""Exact resume after SIGKILL: the final checkpoint's model.safetensors is byte-identical to the
+one of a run that was never stopped.
+
+Every run (also the uninterrupted baseline) trains a dropout MLP with AdamW, a warmup+cosine
+schedule and gradient accumulation; a test-only hook (``SR_KILL``, imported through
+``custom_imports`` from a module written into a temporary directory) kills the process with
+SIGKILL at a chosen point. One-process runs are forked from the test process (no interpreter
+start-up, so the default suite stays fast) or started through the CLI; two-process runs go
+through ``accelerate launch`` on gloo. The default suite runs a few representative cases; the
+full matrix is marked ``slow`` (``pytest -m slow``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+
+PARTS_MODULE = 'sr_resume_parts'
+PARTS_SRC = '''
+import os
+import signal
+
+import torch
+from torch import nn
+
+from scale_runner.evaluation import BaseMetric
+from scale_runner.hooks.hook import Hook
+from scale_runner.registry import DATASETS, HOOKS, METRICS, MODELS
+
+
+@DATASETS.register_module(force=True)
+class ResumeData(torch.utils.data.Dataset):
+    """Deterministic regression samples; appends every index read to $SR_READS if set."""
+
+    def __init__(self, size=40, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(size, 4, generator=g)
+        self.y = self.x @ torch.randn(4, 1, generator=g) + 0.1 * torch.randn(size, 1, generator=g)
+        self.reads = []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return {'x': self.x[i], 'y': self.y[i]}
+
+
+@MODELS.register_module(force=True)
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(123)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x, y=None):
+        pred = self.net(x)
+        out = {'pred': pred}
+        if y is not None:
+            out['loss'] = nn.functional.mse_loss(pred, y)
+        return out
+
+
+@METRICS.register_module(force=True)
+class ResumeMSE(BaseMetric):
+    def process(self, data_batch, data_samples):
+        for p, y in zip(data_samples['pred'], data_batch['y']):
+            self.results.append(float((p - y).pow(2).mean()))
+
+    def compute_metrics(self, results):
+        return {'mse': sum(results) / len(results)}
+
+
+@HOOKS.register_module(force=True)
+class KillHook(Hook):
+    """SR_KILL='point:n': SIGKILL this process there. HIGHEST priority, so 'iter:n' kills
+    before CheckpointHook saves iteration n; 'val:n' kills in the validation after iteration n."""
+
+    priority = 'HIGHEST'
+
+    def __init__(self):
+        spec = os.environ.get('SR_KILL', '')
+        self.points = dict(p.split(':') for p in spec.split(',') if p)
+
+    def _kill(self, point, n):
+        if self.points.get(point) == str(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._kill('iter', runner.iter)
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._kill('val', runner.iter)
+
+
+@HOOKS.register_module(force=True)
+class LateKillHook(KillHook):
+    """LOWEST priority: 'after_save:n' kills right after CheckpointHook saved iteration n,
+    'epoch:e' right after epoch e ended (its checkpoint, if any, written)."""
+
+    priority = 'LOWEST'
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._kill('after_save', runner.iter)
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        pass
+
+    def after_train_epoch(self, runner):
+        self._kill('epoch', runner.epoch)
+
+
+@HOOKS.register_module(force=True)
+class SignalHook(Hook):
+    """SR_SIGNAL='NAME:n[:rank]': send signal NAME to this process after iteration n (only on
+    that rank if given); SR_SIGNAL_IN_SAVE='NAME,...': send those while a checkpoint is saved."""
+
+    priority = 'HIGHEST'
+
+    def __init__(self):
+        spec = os.environ.get('SR_SIGNAL', '')
+        self.spec = spec.split(':') if spec else None
+        self.in_save = os.environ.get('SR_SIGNAL_IN_SAVE')
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if (self.spec and runner.iter == int(self.spec[1])
+                and (len(self.spec) < 3 or int(self.spec[2]) == runner.accelerator.process_index)):
+            os.kill(os.getpid(), getattr(signal, self.spec[0]))
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        if self.in_save and self.spec and runner.iter >= int(self.spec[1]):
+            for name in self.in_save.split(','):
+                os.kill(os.getpid(), getattr(signal, name))
+'''
+
+# One pass = 10 iterations (40 samples, 4 per iteration over all processes).
+FINAL = {'epoch': 20, 'iter': 16}
+KILLS = {
+    # epoch loop: checkpoints every 5 iterations, accumulation windows of 3 (5, 10, 20 are
+    # inside a window: their checkpoints carry the partial gradients)
+    'epoch': {
+        'mid_epoch': ['iter:7'],
+        'before_save': ['iter:10'],
+        'after_save': ['after_save:10'],      # resumes from iter_10: the end of epoch 1
+        'epoch_boundary': ['epoch:1'],
+        'during_val': ['val:10'],
+        'twice': ['iter:7', 'iter:8'],        # the resumed run dies before its first save
+    },
+    # iteration loop: checkpoints every 3 iterations, accumulation windows of 2, val every 5
+    'iter': {
+        'mid_epoch': ['iter:7'],
+        'before_save': ['iter:9'],
+        'after_save': ['after_save:9'],
+        'epoch_boundary': ['iter:11'],        # resumes from iter_9, crosses the pass boundary
+        'during_val': ['val:10'],
+        'twice': ['iter:4', 'iter:14'],
+    },
+}
+
+
+def make_cfg(loop: str = 'iter', nproc: int = 1, workers: int = 0) -> dict:
+    epoch = loop == 'epoch'
+    return dict(
+        custom_imports=dict(imports=[PARTS_MODULE]),
+        model=dict(type='DropoutNet'),
+        train_dataloader=dict(dataset=dict(type='ResumeData', size=40), batch_size=4 // nproc,
+                              num_workers=workers,
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        val_dataloader=dict(dataset=dict(type='ResumeData', size=16, seed=1), batch_size=4),
+        val_evaluator=dict(type='ResumeMSE'),
+        val_cfg=dict(),
+        train_cfg=(dict(by_epoch=True, max_epochs=2, val_interval=1) if epoch
+                   else dict(by_epoch=False, max_iters=FINAL['iter'], val_interval=5)),
+        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01, weight_decay=0.01),
+                           accumulative_counts=3 if epoch else 2),
+        param_scheduler=[
+            dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2),
+            dict(type='CosineAnnealingLR', by_epoch=False, begin=2, end=8, eta_min=1e-4)],
+        default_hooks=dict(checkpoint=dict(by_epoch=False, interval=5 if epoch else 3),
+                           logger=dict(interval=5)),
+        custom_hooks=[dict(type='KillHook'), dict(type='LateKillHook'), dict(type='SignalHook')],
+        randomness=dict(seed=7),
+        log_level='WARNING',
+    )
+
+
+@pytest.fixture(scope='session')
+def parts_dir(tmp_path_factory):
+    """The parts module, written once and importable here and in subprocesses."""
+    d = tmp_path_factory.mktemp('resume_parts')
+    (d / f'{PARTS_MODULE}.py').write_text(PARTS_SRC)
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    if PARTS_MODULE in sys.modules:  # written by another session-scoped fixture: reuse it
+        return Path(sys.modules[PARTS_MODULE].__file__).parent
+    importlib.import_module(PARTS_MODULE)
+    # Forked runs inherit what this process imported: building an optimizer the first time
+    # imports torch._dynamo (seconds), so do it once here rather than in every child.
+    import torch
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    import accelerate  # noqa: F401
+    return d
+
+
+def _env(parts_dir: Path, kill: str | None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1',
+               PYTHONPATH=os.pathsep.join([str(parts_dir), os.environ.get('PYTHONPATH', '')]))
+    for var in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SR_KILL',
+                'SR_SIGNAL', 'SR_SIGNAL_IN_SAVE', 'SLURM_JOB_ID'):
+        env.pop(var, None)
+    if kill:
+        env['SR_KILL'] = kill
+    return env
+
+
+def run_forked(cfg: dict, work: Path, kill: str | None = None, resume: bool = False,
+               env: dict | None = None) -> int:
+    """Train in a forked child of this process; return its exit code (-9: SIGKILLed; the code
+    of a SystemExit, e.g. a preemption's)."""
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            for var in ('SR_KILL', 'SR_SIGNAL', 'SR_SIGNAL_IN_SAVE', 'SLURM_JOB_ID'):
+                os.environ.pop(var, None)
+            if kill:
+                os.environ['SR_KILL'] = kill
+            os.environ.update(env or {})
+            from accelerate.state import AcceleratorState, GradientState
+
+            from scale_runner import Config, Runner
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            runner = Runner.from_cfg(Config({**cfg, 'work_dir': str(work), 'resume': resume}))
+            runner.train()
+            runner.close()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_cli(cfg: dict, work: Path, parts_dir: Path, nproc: int = 1, kill: str | None = None,
+            resume: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Train through the CLI in a new process (``accelerate launch`` for 2 processes)."""
+    cfg_file = work.parent / f'{work.name}.json'
+    cfg_file.write_text(json.dumps(cfg))
+    args = ['train', str(cfg_file), '--work-dir', str(work)] + (['--resume'] if resume else [])
+    if nproc == 1:
+        cmd = [sys.executable, '-m', 'scale_runner', *args]
+    else:
+        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes',
+               str(nproc), '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend',
+               'no', '--main_process_port', '0', '-m', 'scale_runner', *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**_env(parts_dir, kill), **(env or {})}, cwd=work.parent)
+
+
+def final_model(work: Path, loop: str) -> bytes:
+    ckpt = work / 'checkpoints' / f'iter_{FINAL[loop]}'
+    assert (ckpt / 'manifest.json').is_file(), f'{ckpt} was not completely written'
+    return (ckpt / 'model.safetensors').read_bytes()
+
+
+_BASELINES: dict = {}
+
+
+def baseline(tmp_path_factory, parts_dir, loop, nproc=1, workers=0) -> bytes:
+    """The uninterrupted run's final weights (computed once per configuration)."""
+    key = (loop, nproc, workers)
+    if key not in _BASELINES:
+        work = tmp_path_factory.mktemp(f'baseline_{loop}_{nproc}_{workers}') / 'work'
+        cfg = make_cfg(loop, nproc, workers)
+        if nproc == 1:
+            assert run_forked(cfg, work) == 0
+        else:
+            proc = run_cli(cfg, work, parts_dir, nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        _BASELINES[key] = final_model(work, loop)
+    return _BASELINES[key]
+
+
+def kill_and_resume(tmp_path, parts_dir, loop, case, nproc=1, workers=0, via='fork') -> bytes:
+    cfg = make_cfg(loop, nproc, workers)
+    work = tmp_path / 'work'
+    for i, kill in enumerate(KILLS[loop][case]):
+        if via == 'fork':
+            code, out = run_forked(cfg, work, kill=kill, resume=i > 0), ''
+        else:
+            proc = run_cli(cfg, work, parts_dir, nproc, kill=kill, resume=i > 0)
+            code, out = proc.returncode, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert code != 0, f'{kill}: the run was not killed (exit {code})\n{out}'
+        if nproc == 1:
+            assert code == -signal.SIGKILL, f'{kill}: exit {code}\n{out}'
+        assert not (work / 'checkpoints' / f'iter_{FINAL[loop]}').exists()
+    if via == 'fork':
+        assert run_forked(cfg, work, resume=True) == 0
+    else:
+        proc = run_cli(cfg, work, parts_dir, nproc, resume=True)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return final_model(work, loop)
+
+
+# ---- the default suite: a few representative cases ------------------------------------------
+@pytest.mark.parametrize('loop, case, workers', [
+    ('iter', 'after_save', 0),      # checkpoint inside an accumulation window, then killed
+    ('epoch', 'twice', 0),          # killed twice in a row, the second time before any save
+    ('epoch', 'during_val', 0),     # killed during validation
+    ('iter', 'epoch_boundary', 2),  # dataloader workers, crossing a pass boundary
+])
+def test_sigkill_and_resume_is_byte_identical(tmp_path, tmp_path_factory, parts_dir, loop, case,
+                                              workers):
+    expected = baseline(tmp_path_factory, parts_dir, loop, 1, workers)
+    assert kill_and_resume(tmp_path, parts_dir, loop, case, 1, workers) == expected
+
+
+def test_cli_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tmp_path_factory, parts_dir):
+    """The user's path: killed mid-epoch, then `scale-runner train CFG --resume` (a new process)."""
+    expected = baseline(tmp_path_factory, parts_dir, 'epoch', 1, 0)
+    cfg, work = make_cfg('epoch'), tmp_path / 'work'
+    assert run_forked(cfg, work, kill='iter:7') == -signal.SIGKILL
+    proc = run_cli(cfg, work, parts_dir, resume=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert final_model(work, 'epoch') == expected
+
+
+def test_kill_before_save_leaves_no_half_checkpoint(tmp_path, parts_dir):
+    cfg = make_cfg('iter')
+    work = tmp_path / 'work'
+    assert run_forked(cfg, work, kill='iter:9') == -signal.SIGKILL
+    names = sorted(p.name for p in (work / 'checkpoints').iterdir())
+    assert names == ['iter_3', 'iter_6', 'latest'], names
+    assert (work / 'checkpoints' / 'latest').read_text().strip() == 'iter_6'
+
+
+def test_mid_window_checkpoint_carries_each_ranks_partial_gradients(tmp_path, parts_dir):
+    from scale_runner.checkpoint import read_checkpoint
+    cfg = make_cfg('iter')  # windows of 2: iter_3 and iter_9 are mid-window, iter_6 is not
+    work = tmp_path / 'work'
+    assert run_forked(cfg, work, kill='iter:10') == -signal.SIGKILL
+    root = work / 'checkpoints'
+    assert (root / 'iter_3' / 'grad_0.safetensors').is_file()
+    assert not (root / 'iter_6' / 'grad_0.safetensors').exists()
+    grads = read_checkpoint(root / 'iter_9')['grads']
+    assert set(grads) == {'net.0.weight', 'net.0.bias', 'net.3.weight', 'net.3.bias'}
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+# ---- sampler position: skipped samples are never read, resume time is flat -------------------
+def _big_cfg(size: int, max_iters: int) -> dict:
+    cfg = make_cfg('iter')
+    cfg['train_dataloader']['dataset']['size'] = size
+    cfg['train_dataloader']['batch_size'] = 8
+    cfg['train_cfg'] = dict(by_epoch=False, max_iters=max_iters, val_interval=10**9)
+    cfg['optim_wrapper']['accumulative_counts'] = 1
+    cfg['default_hooks'] = dict(checkpoint=dict(by_epoch=False, interval=10**9), logger=None)
+    cfg['custom_hooks'] = []
+    return cfg
+
+
+def _move_checkpoint(ckpt: Path, iters: int) -> None:
+    """Rewrite a checkpoint's counters to iteration ``iters`` of the first pass (and its
+    manifest), as if it had been saved there."""
+    import hashlib
+    doc = json.loads((ckpt / 'state.json').read_text())
+    doc['train_state'].update(iter=iters, inner_iter=iters, epoch=0)
+    data = json.dumps(doc).encode()
+    (ckpt / 'state.json').write_bytes(data)
+    manifest = json.loads((ckpt / 'manifest.json').read_text())
+    manifest['files']['state.json'] = {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+    (ckpt / 'manifest.json').write_text(json.dumps(manifest))
+
+
+def _resume_reads(tmp_path, parts_dir, position: int, size: int = 80_000):
+    """Resume at ``position`` for 2 iterations; return (samples read, seconds in train())."""
+    from scale_runner import Config, Runner
+    work = tmp_path / f'at_{position}'
+    runner = Runner.from_cfg(Config({**_big_cfg(size, 1), 'work_dir': str(work)}))
+    runner.train()
+    runner.close()
+    ckpt = work / 'checkpoints' / 'iter_1'
+    _move_checkpoint(ckpt, position)
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    runner = Runner.from_cfg(Config({**_big_cfg(size, position + 2), 'work_dir': str(work),
+                                     'resume': str(ckpt)}))
+    t0 = time.perf_counter()
+    runner.train()
+    seconds = time.perf_counter() - t0
+    runner.close()
+    assert runner.iter == position + 2
+    return len(runner.train_loop.dataloader.dataset.reads), seconds
+
+
+def test_resume_reads_only_remaining_samples_and_time_does_not_grow(tmp_path, parts_dir):
+    early_reads, early = _resume_reads(tmp_path, parts_dir, 10)
+    late_reads, late = _resume_reads(tmp_path, parts_dir, 9_900)  # of 10,000 batches
+    # 2 batches trained + at most Accelerate's one-batch lookahead; nothing before the position
+    assert 16 <= early_reads <= 24 and 16 <= late_reads <= 24, (early_reads, late_reads)
+    # a position 1000x further costs no more than noise (reading 9,900 batches would take
+    # seconds); generous bound for a loaded machine
+    assert late < early * 3 + 1.0, (early, late)
+
+
+# ---- the full matrix ------------------------------------------------------------------------
+MATRIX = ([(loop, case, 1, 0) for loop in KILLS for case in KILLS[loop]]
+          + [(loop, case, nproc, workers) for loop in KILLS for nproc in (1, 2)
+             for workers in (0, 2) for case in ('mid_epoch', 'twice')
+             if (nproc, workers) != (1, 0)]
+          + [(loop, case, 2, 0) for loop in KILLS
+             for case in ('before_save', 'after_save', 'epoch_boundary', 'during_val')])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('loop, case, nproc, workers', MATRIX)
+def test_resume_matrix(tmp_path, tmp_path_factory, parts_dir, loop, case, nproc, workers):
+    expected = baseline(tmp_path_factory, parts_dir, loop, nproc, workers)
+    via = 'fork' if nproc == 1 else 'cli'
+    assert kill_and_resume(tmp_path, parts_dir, loop, case, nproc, workers, via=via) == expected
