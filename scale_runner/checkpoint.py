@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import random
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from .errors import ConfigError
 
 MANIFEST = 'manifest.json'
 LATEST = 'latest'
+HASH_CHUNK = 8 << 20
 FORMAT_VERSION = 1
 
 
@@ -130,6 +134,25 @@ def _write(path: Path, data: bytes) -> dict:
     return {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
 
 
+def _write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> dict:
+    """``save_file`` straight to disk (no in-memory copy of the whole file), then fsync and
+    sha256 concurrently: both release the GIL, and the hash reads from the page cache."""
+    save_file(tensors, path, metadata=metadata)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        syncer = threading.Thread(target=os.fsync, args=(fd,))
+        syncer.start()
+        digest, size = hashlib.sha256(), 0
+        with open(path, 'rb', buffering=0) as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        syncer.join()
+    finally:
+        os.close(fd)
+    return {'size': size, 'sha256': digest.hexdigest()}
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -165,17 +188,17 @@ class CheckpointWriter:
         _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
         _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
         if rank_tensors:
-            _write(tmp / f'grad_{rank}.safetensors', st_save(model_tensors(rank_tensors)))
+            _write_tensors(tmp / f'grad_{rank}.safetensors', model_tensors(rank_tensors))
         acc.wait_for_everyone()
         if main:
             files = {}
             if model_state is not None:
-                files['model.safetensors'] = _write(tmp / 'model.safetensors',
-                                                    st_save(model_tensors(model_state)))
+                files['model.safetensors'] = _write_tensors(tmp / 'model.safetensors',
+                                                            model_tensors(model_state))
             tensors: dict = {}
             doc = split_tensors(state, tensors)
             doc['format_version'] = FORMAT_VERSION
-            files['state.safetensors'] = _write(tmp / 'state.safetensors', st_save(tensors))
+            files['state.safetensors'] = _write_tensors(tmp / 'state.safetensors', tensors)
             files['state.json'] = _write(tmp / 'state.json', json.dumps(doc, indent=1).encode())
             for r in range(acc.num_processes):
                 for name in (f'rng_{r}.safetensors', f'rng_{r}.json', f'grad_{r}.safetensors'):
@@ -220,36 +243,97 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
         files = manifest['files']
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f'{mpath} is not a valid manifest: {e}') from None
-    out = {}
     if not isinstance(files, dict):
         raise CheckpointError(f'{mpath} is not a valid manifest: "files" is not an object')
-    for name, entry in files.items():
-        if '/' in name or '\\' in name or name.startswith('.') or name == MANIFEST:
-            raise CheckpointError(f'{mpath} lists an invalid file name {name!r}')
-        if not isinstance(entry, dict) or not {'size', 'sha256'} <= set(entry):
-            raise CheckpointError(f'{mpath} has no size/sha256 for {name!r}')
-        p = ckpt_dir / name
-        if not p.is_file():
-            raise CheckpointError(f'{p} is listed in the manifest but missing')
-        data = p.read_bytes()
-        if len(data) != entry['size'] or hashlib.sha256(data).hexdigest() != entry['sha256']:
-            raise CheckpointError(f'{p} is damaged: size or sha256 differs from {MANIFEST}')
-        out[name] = data
+    out, digests = {}, {}
+    # Each file is hashed in a thread while the next one is read (both release the GIL).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for name, entry in files.items():
+            if '/' in name or '\\' in name or name.startswith('.') or name == MANIFEST:
+                raise CheckpointError(f'{mpath} lists an invalid file name {name!r}')
+            if not isinstance(entry, dict) or not {'size', 'sha256'} <= set(entry):
+                raise CheckpointError(f'{mpath} has no size/sha256 for {name!r}')
+            p = ckpt_dir / name
+            if not p.is_file():
+                raise CheckpointError(f'{p} is listed in the manifest but missing')
+            out[name] = _read(p)
+            digests[name] = pool.submit(lambda b: hashlib.sha256(b).hexdigest(), out[name])
+    for name, data in out.items():
+        if len(data) != files[name]['size'] or digests[name].result() != files[name]['sha256']:
+            raise CheckpointError(f'{ckpt_dir / name} is damaged: size or sha256 differs from {MANIFEST}')
     return out
 
 
-def _load_tensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes (never a pickle); a parse error names the file."""
+# safetensors dtype names -> torch dtypes (the format's own table).
+_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+           'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+           'U8': torch.uint8, 'BOOL': torch.bool}
+for _name, _attr in (('F8_E4M3', 'float8_e4m3fn'), ('F8_E5M2', 'float8_e5m2'), ('U16', 'uint16'),
+                     ('U32', 'uint32'), ('U64', 'uint64')):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+
+def _read(path: Path):
+    """The file's bytes as a private, writable memory map: tensors view it without a copy, and
+    nothing written to them reaches the file. A file replaced later (checkpoints are always
+    new files, renamed into place) does not affect the mapping."""
+    with open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return bytearray()
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def _load_tensors(data, where: Path) -> dict[str, torch.Tensor]:
+    """Parse a safetensors buffer (never a pickle) into tensors that view it without copying.
+
+    The format is an 8-byte header length, a JSON header (dtype, shape, data offsets per
+    tensor) and the raw data; every offset is checked against the buffer before use.
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f'{where} is not a valid safetensors file ({why}); pickled files '
+                               f'are never loaded')
+    if len(data) < 8:
+        raise bad('too short')
+    n = int.from_bytes(data[:8], 'little')
+    if n > len(data) - 8:
+        raise bad('header length past the end')
     try:
-        return st_load(data)
-    except Exception as e:  # SafetensorError is no ValueError subclass
-        raise CheckpointError(f'{where} is not a valid safetensors file ({type(e).__name__}: {e}); '
-                              f'pickled files are never loaded') from None
+        header = json.loads(bytes(data[8:8 + n]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f'header: {e}') from None
+    if not isinstance(header, dict):
+        raise bad('header is not an object')
+    base, size, out = 8 + n, len(data) - 8 - n, {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        try:
+            dtype = _DTYPES[info['dtype']]
+            shape = [int(d) for d in info['shape']]
+            start, end = (int(o) for o in info['data_offsets'])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f'entry {name!r}') from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= size or end - start != numel * itemsize:
+            raise bad(f'entry {name!r} has inconsistent offsets')
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        elif (base + start) % itemsize:
+            # Misaligned for its dtype: copy instead of viewing.
+            out[name] = torch.frombuffer(bytearray(data[base + start:base + end]), dtype=dtype).reshape(shape)
+        else:
+            out[name] = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start).reshape(shape)
+    return out
 
 
 def _load_json(data: bytes, where: Path, kind: type = dict) -> Any:
     try:
-        doc = json.loads(data)
+        doc = json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f'{where} is not valid JSON: {e}') from None
     if not isinstance(doc, kind):
@@ -296,7 +380,7 @@ def read_model_weights(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f'{path} holds no model weights')
         return _load_tensors(blobs['model.safetensors'], path / 'model.safetensors')
     if path.suffix == '.safetensors' and path.is_file():
-        return _load_tensors(path.read_bytes(), path)
+        return _load_tensors(_read(path), path)
     if not path.exists():
         raise CheckpointError(f'{path} does not exist: expected a checkpoint directory or a '
                               f'.safetensors file')
@@ -500,7 +584,7 @@ def export_weights(src: str | os.PathLike, out: str | os.PathLike) -> Path:
             meta['experiment_name'] = name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f'.{out.name}.tmp'
-    _write(tmp, st_save(model_tensors(weights), metadata=meta))
+    _write_tensors(tmp, model_tensors(weights), meta)
     os.replace(tmp, out)
     _fsync_dir(out.parent)
     return out

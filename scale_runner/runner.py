@@ -97,6 +97,10 @@ class Runner:
     max_epochs = property(lambda self: self.state.max_epochs)
     max_iters = property(lambda self: self.state.max_iters)
     checkpoint_dir = property(lambda self: self.work_dir / 'checkpoints')
+    # MMEngine's names for the built dataloaders (None until their loop is built).
+    train_dataloader = property(lambda self: getattr(self.train_loop, 'dataloader', None))
+    val_dataloader = property(lambda self: getattr(self.val_loop, 'dataloader', None))
+    test_dataloader = property(lambda self: getattr(self.test_loop, 'dataloader', None))
 
     # ---- environment ------------------------------------------------------------------------
     def setup_env(self) -> None:

@@ -70,13 +70,13 @@ def test_char_lm_gpu_config_on_cpu(tmp_path):
                        'train_dataloader.batch_size': 2, 'model.n_layer': 1, 'model.d_model': 96}))
     assert runner.accelerator.mixed_precision == 'bf16'
     assert runner.cfg['model']['block_size'] == 256
-    assert runner.train_dataloader.dataset[0]['input_ids'].shape == (256,)
+    assert runner.train_loop.dataloader.dataset[0]['input_ids'].shape == (256,)
     assert metrics['val_loss'] > 0
 
 
 def test_char_lm_epoch(tmp_path):
     runner, metrics = train('char_lm_epoch.py', tmp_path, SMALL_TEXT)
-    assert runner.epoch == 1 and runner.iter == len(runner.train_dataloader) > 0
+    assert runner.epoch == 1 and runner.iter == len(runner.train_loop.dataloader) > 0
     assert (runner.work_dir / 'checkpoints' / 'epoch_1').is_dir()
     assert 'val_loss' in metrics
 

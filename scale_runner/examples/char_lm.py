@@ -120,6 +120,9 @@ def tiny_gpt2(**config) -> nn.Module:
     except ImportError as e:
         raise ImportError("tiny_gpt2 needs Hugging Face transformers: "
                           "pip install 'scale_runner[hf]'") from e
+    if config.get('vocab_size', 50257) <= 50256:  # GPT-2's bos/eos id 50256 is outside a small vocab
+        config.setdefault('bos_token_id', 0)
+        config.setdefault('eos_token_id', 0)
     return GPT2LMHeadModel(GPT2Config(**config))
 
 
