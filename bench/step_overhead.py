@@ -116,6 +116,40 @@ def runner(steps, extra_hooks=0):
     return times['t1'] - times['t0'], loss
 
 
+def flat(steps):
+    """Per-step time in each sixth of one long run, relative to the first sixth."""
+    torch, ds = _setup(steps // 6)  # one epoch = a sixth: epoch transitions are included
+    from scale_runner import Hook, Runner
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model(torch)
+
+        def forward(self, x, y):
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+    marks = []
+
+    class Sixths(Hook):
+        def before_train(self, runner):
+            marks.append(time.perf_counter())
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter % (steps // 6) == 0:
+                marks.append(time.perf_counter())
+
+    Runner(model=Net(), work_dir=tempfile.mkdtemp(),
+           train_dataloader=dict(dataset=ds, batch_size=BATCH),
+           train_cfg=dict(by_epoch=False, max_iters=steps),
+           optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)),
+           default_hooks=dict(checkpoint=dict(interval=-1, save_last=True)),
+           custom_hooks=[Sixths()], randomness=dict(seed=SEED), accelerator=dict(cpu=True),
+           log_level='WARNING').train()
+    parts = [b - a for a, b in zip(marks, marks[1:])]
+    return parts
+
+
 VARIANTS = {'plain': plain, 'accelerate': accelerate_loop, 'scale_runner': runner,
             'scale_runner+20 idle hooks': lambda s: runner(s, extra_hooks=20)}
 
@@ -125,7 +159,15 @@ def main():
     p.add_argument('--steps', type=int, default=3000)
     p.add_argument('--reps', type=int, default=5)
     p.add_argument('--one', help=argparse.SUPPRESS)
+    p.add_argument('--flat', type=int, metavar='STEPS',
+                   help='instead: per-sixth step time of one run of STEPS iterations (e.g. 30000)')
     args = p.parse_args()
+    if args.flat:
+        parts = flat(args.flat)
+        print('sixth  us/step  vs first')
+        for i, t in enumerate(parts, 1):
+            print(f'{i:>5}  {t / (args.flat // 6) * 1e6:7.1f}  {t / parts[0]:7.3f}')
+        return
     if args.one:
         seconds, loss = VARIANTS[args.one](args.steps)
         print(json.dumps({'seconds': seconds, 'loss': loss}))

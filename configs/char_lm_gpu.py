@@ -1,5 +1,6 @@
 # char_lm on one GPU: a bigger model (10.8M parameters), longer context, bf16, larger batch.
-#   scale-runner train configs/char_lm_gpu.py   (or accelerate launch --config_file launch/single_gpu.yaml ...)
+#   scale-runner train configs/char_lm_gpu.py
+#   accelerate launch --config_file launch/multi_gpu.yaml --num_processes 8 -m scale_runner train configs/char_lm_gpu.py
 _base_ = ['char_lm.py']
 _block = 256
 model = dict(block_size=_block, d_model=384, n_layer=6, n_head=6, dropout=0.1)

@@ -197,7 +197,9 @@ class LoggerHook(Hook):
         runner.log_buffer.clear_window(stage)
         line = format_values({**metrics, **timing}, None, order=False)
         runner.logger.info(f'{self._eval_head(runner, stage, total, total)}  {line}')
-        self._emit(runner, {f'{stage}/{k}': v for k, v in metrics.items()})
+        # The loop's own loss is named `val_loss`/`test_loss`; the tracker key is `val/loss`.
+        self._emit(runner, {f'{stage}/{k[len(stage) + 1:] if k == f"{stage}_loss" else k}': v
+                            for k, v in metrics.items()})
 
     # ---- outputs ------------------------------------------------------------------------------
     def _emit(self, runner, values: dict) -> None:
