@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import (CheckpointWriter, check_weights, collect_state, find_resumable,
                          partial_gradients, read_checkpoint, read_model_weights, resolve_resume,
                          restore_state)
@@ -163,7 +165,13 @@ class Runner:
         from .data import build_dataloader
         loader = build_dataloader(cfg, seed=self.seed or 0, where=where,
                                   rank=self.accelerator.process_index if self.accelerator else 0)
-        return self.accelerator.prepare(loader) if self.accelerator is not None else loader
+        acc = self.accelerator
+        if acc is None or (acc.num_processes == 1 and acc.device.type == 'cpu'
+                           and isinstance(loader, torch.utils.data.DataLoader)):
+            # One CPU process: nothing to shard or move, and Accelerate's loader wrapper would
+            # only add per-batch work (a device transfer, a one-batch read-ahead).
+            return loader
+        return acc.prepare(loader)
 
     def build_evaluator(self, cfg: Any, where: str = 'evaluator'):
         from .evaluation import build_evaluator
@@ -287,15 +295,16 @@ class Runner:
         self.logger.info(f'resumed from {ckpt["path"]} at epoch {self.epoch}, iter {self.iter}')
 
     # ---- hooks --------------------------------------------------------------------------------
-    def register_hook(self, hook: Any, priority: int | str | None = None) -> None:
+    def register_hook(self, hook: Any, priority: int | str | None = None,
+                      where: str = 'custom_hooks') -> None:
         """Add a hook (or a hook config dict); equal priorities keep registration order."""
         if isinstance(hook, dict):
             hook = dict(hook)
             priority = hook.pop('priority', priority)
-            hook = HOOKS.build(hook, _cfg_path='custom_hooks')
+            hook = HOOKS.build(hook, _cfg_path=where)
         if not isinstance(hook, Hook):
-            raise ConfigError(f'a hook must be a Hook instance or dict(type=...), got {hook!r} '
-                              f'({type(hook).__name__})')
+            raise ConfigError(f'{where}: a hook must be a Hook instance or dict(type=...), got '
+                              f'{hook!r} ({type(hook).__name__})')
         check_hook_points(hook)
         hook.priority = get_priority(hook.priority if priority is None else priority,
                                      f'{type(hook).__name__}.priority')
@@ -321,20 +330,9 @@ class Runner:
             else:
                 merged[name] = cfg
         for name, cfg in merged.items():
-            if isinstance(cfg, dict):
-                cfg = dict(cfg)
-                prio = cfg.pop('priority', None)
-                cfg = HOOKS.build(cfg, _cfg_path=f'default_hooks.{name}')
-                self.register_hook(cfg, prio)
-            else:
-                self.register_hook(cfg)
+            self.register_hook(cfg, where=f'default_hooks.{name}')
         for i, cfg in enumerate(custom_hooks or []):
-            if isinstance(cfg, dict):
-                cfg = dict(cfg)
-                prio = cfg.pop('priority', None)
-                self.register_hook(HOOKS.build(cfg, _cfg_path=f'custom_hooks[{i}]'), prio)
-            else:
-                self.register_hook(cfg)
+            self.register_hook(cfg, where=f'custom_hooks[{i}]')
 
     @property
     def hooks(self) -> list:
