@@ -475,7 +475,11 @@ def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: boo
     state = {'meta': meta, 'train_state': runner.state.state_dict(), 'hooks': {}}
     if save_optimizer and runner.optim_wrapper is not None:
         state['optimizer'] = runner.optim_wrapper.state_dict()
-        state['optim_wrapper'] = {'update_count': runner.optim_wrapper.update_count}
+        state['optim_wrapper'] = {'update_count': runner.optim_wrapper.update_count,
+                                  'skipped_steps': getattr(runner.optim_wrapper, 'skipped_steps', None)}
+        scaler = getattr(runner.accelerator, 'scaler', None)
+        if scaler is not None:  # fp16: the loss scale and its growth tracker resume exactly
+            state['grad_scaler'] = scaler.state_dict()
     if save_param_scheduler and runner.param_schedulers:
         state['param_schedulers'] = [s.state_dict() for s in runner.param_schedulers]
     return state
@@ -532,6 +536,11 @@ def restore_state(runner, ckpt: dict) -> None:
     if 'optimizer' in state and runner.optim_wrapper is not None:
         runner.optim_wrapper.load_state_dict(state['optimizer'])
         runner.optim_wrapper.update_count = state['optim_wrapper']['update_count']
+        if state['optim_wrapper'].get('skipped_steps') is not None:
+            runner.optim_wrapper.skipped_steps = state['optim_wrapper']['skipped_steps']
+    scaler = getattr(runner.accelerator, 'scaler', None)
+    if scaler is not None and 'grad_scaler' in state:
+        scaler.load_state_dict(state['grad_scaler'])
     for sched, s in zip(runner.param_schedulers, state.get('param_schedulers', [])):
         sched.load_state_dict(s)
     if ckpt['rng'] is not None:

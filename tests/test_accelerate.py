@@ -191,6 +191,38 @@ def test_skipped_scaler_steps_are_counted_and_logged(tmp_path):
     assert accelerator.scaler.get_scale() == 2.0 ** 7  # backed off once
 
 
+def test_grad_scaler_state_and_skipped_steps_survive_resume(tmp_path):
+    """The fp16 loss scale, its growth tracker and the skipped-step count are checkpointed."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    data = RegressionData(16, seed=2)
+    data.x[5, 0] = float('inf')
+
+    def make(max_iters, resume, init_scale):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler('cpu', init_scale=init_scale, growth_interval=2)
+        return accelerator, Runner(
+            model=PlainRegressor(), work_dir=str(tmp_path), log_level='WARNING',
+            accelerator=accelerator, train_dataloader=dict(dataset=data, batch_size=4),
+            train_cfg=dict(by_epoch=False, max_iters=max_iters), resume=resume,
+            optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
+            default_hooks=dict(checkpoint=dict(interval=3), nan_guard=None))
+
+    acc, first = make(3, False, 2.0 ** 8)
+    first.train()
+    first.close()
+    saved = acc.scaler.state_dict()
+    assert first.optim_wrapper.skipped_steps == 1
+    acc2, second = make(4, True, 2.0 ** 2)  # a fresh scaler would start from 4
+    second.train()
+    second.close()
+    assert second.optim_wrapper.skipped_steps == 1  # restored, not restarted at 0
+    # After one more finite step the growth tracker continues from the saved one.
+    assert saved['_growth_tracker'] == 1 and acc2.scaler.state_dict()['scale'] == saved['scale'] * 2
+
+
 # ---- real multi-process runs --------------------------------------------------------------------
 RANK_DUMP = '''
 import json
