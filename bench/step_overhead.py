@@ -68,14 +68,8 @@ def accelerate_loop(steps):
     return time.perf_counter() - t0, loss.item()
 
 
-class _MSE:
-    """A plain module returning the loss, for the runner."""
-
-
-def runner(steps, extra_hooks=0):
-    torch, ds = _setup(steps)
-    from scale_runner import Hook, Runner
-
+def _net_class(torch):
+    """The same MLP as a module returning its loss (the runner's model contract)."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -83,6 +77,14 @@ def runner(steps, extra_hooks=0):
 
         def forward(self, x, y):
             return torch.nn.functional.mse_loss(self.net(x), y)
+    return Net
+
+
+def runner(steps, extra_hooks=0):
+    torch, ds = _setup(steps)
+    from scale_runner import Hook, Runner
+
+    Net = _net_class(torch)
 
     class Idle(Hook):
         def before_train(self, runner):
@@ -121,13 +123,7 @@ def flat(steps):
     torch, ds = _setup(steps // 6)  # one epoch = a sixth: epoch transitions are included
     from scale_runner import Hook, Runner
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _model(torch)
-
-        def forward(self, x, y):
-            return torch.nn.functional.mse_loss(self.net(x), y)
+    Net = _net_class(torch)
 
     marks = []
 

@@ -40,6 +40,18 @@ class RegressionData(torch.utils.data.Dataset):
         return {'x': self.x[i], 'y': self.y[i]}
 
 
+class CountingData(RegressionData):
+    """RegressionData that records which samples were read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads: list[int] = []
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return super().__getitem__(i)
+
+
 class PlainRegressor(nn.Module):
     """A plain nn.Module: called as model(**batch), returns a dict with a loss."""
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import PlainRegressor, RegressionData
+from conftest import CountingData, PlainRegressor, RegressionData
 from scale_runner import Hook, Runner
 from scale_runner.checkpoint import (CheckpointError, find_resumable, read_checkpoint,
                                      read_model_weights)
@@ -103,18 +103,6 @@ def test_epoch_resume_with_adamw_is_bit_identical(tmp_path, tiny_parts):
     expected, got = _final_weights(full), _final_weights(resumed)
     for k in expected:
         assert torch.equal(expected[k], got[k]), k
-
-
-class CountingData(RegressionData):
-    """Counts which samples were read."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reads: list[int] = []
-
-    def __getitem__(self, i):
-        self.reads.append(int(i))
-        return super().__getitem__(i)
 
 
 def _iter_parts(tiny_parts, work_dir, max_iters, data, **over):

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import RegressionData
+from conftest import CountingData, RegressionData
 from scale_runner.data import DefaultSampler, InfiniteSampler, build_dataloader, get_sampler
 from scale_runner.errors import ConfigError
 
@@ -52,14 +52,6 @@ def test_set_start_skips_n_samples_once():
     assert list(s) == []
 
 
-class CountingData(RegressionData):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reads: list[int] = []
-
-    def __getitem__(self, i):
-        self.reads.append(int(i))
-        return super().__getitem__(i)
 
 
 def test_set_start_through_a_dataloader_never_reads_skipped_samples():
