@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import CountingData, PlainRegressor, RegressionData
+from conftest import CountingData, PlainRegressor
 from scale_runner import Hook, Runner
 from scale_runner.checkpoint import (CheckpointError, find_resumable, read_checkpoint,
                                      read_model_weights)
