@@ -449,14 +449,16 @@ def check_weights(module: torch.nn.Module, weights: dict, source: str, strict: b
     module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 
 
-def resolve_resume(resume: Any) -> bool | Path:
+def resolve_resume(resume: Any) -> bool | str | Path:
+    """``True``: the latest valid checkpoint, required; ``'auto'``: the same, but a work dir
+    that never had a checkpoint starts fresh (a first submission of a requeued job); a path."""
     if resume in (None, False):
         return False
     if resume is True or resume == 'auto':
-        return True
+        return resume
     if isinstance(resume, (str, os.PathLike)):
         return Path(resume)
-    raise ConfigError(f'resume must be True, False or a checkpoint path, got {resume!r}')
+    raise ConfigError(f"resume must be True, 'auto', False or a checkpoint path, got {resume!r}")
 
 
 # ---- what the runner saves --------------------------------------------------------------------

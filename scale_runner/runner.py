@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (CheckpointWriter, check_weights, collect_state, find_resumable,
+from .checkpoint import (CheckpointWriter, candidates, check_weights, collect_state, find_resumable,
                          partial_gradients, read_checkpoint, read_model_weights, resolve_resume,
                          restore_state)
 from .config import Config
@@ -277,14 +277,20 @@ class Runner:
         self.logger.info(f'loaded weights from {path}')
 
     def _load_weights(self) -> None:
-        if self.load_from is not None and not self._resume:
+        if self.load_from is not None and not self._resuming():
             self.load_checkpoint(self.load_from)
 
+    def _resuming(self) -> bool:
+        # 'auto' with no checkpoint directory at all is a first run; damaged ones still raise.
+        return bool(self._resume) and (self._resume != 'auto' or bool(candidates(self.checkpoint_dir)))
+
     def _resume_if_asked(self) -> None:
-        if not self._resume:
+        if not self._resuming():
+            if self._resume == 'auto':
+                self.logger.info(f'resume=auto: no checkpoint in {self.checkpoint_dir} yet, starting fresh')
             return
         rank = self.accelerator.process_index
-        if self._resume is True:
+        if self._resume in (True, 'auto'):
             ckpt = find_resumable(self.checkpoint_dir, rank)
         else:
             ckpt = read_checkpoint(self._resume, rank)

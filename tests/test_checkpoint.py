@@ -246,6 +246,23 @@ def test_resume_with_empty_work_dir_is_an_error(tmp_path, tiny_parts):
     assert runner.iter == 0
 
 
+def test_resume_auto_starts_fresh_only_where_no_checkpoint_was_ever_written(
+        tmp_path, two_checkpoints, tiny_parts):
+    # A first submission (requeue scripts pass resume='auto' every time): trains from scratch.
+    runner = Runner(**_resume_parts(tiny_parts, tmp_path, resume='auto'))
+    runner.train()
+    runner.close()
+    assert runner.iter == 16 and (tmp_path / 'checkpoints' / 'epoch_2').is_dir()
+    # Checkpoints exist but all are damaged: still an error, never a silent fresh start.
+    for d in ('epoch_1', 'epoch_2'):
+        (two_checkpoints / d / 'manifest.json').unlink()
+    runner = Runner(**_resume_parts(tiny_parts, two_checkpoints.parent, resume='auto'))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError):
+        runner.train()
+    runner.close()
+    assert runner.iter == 0
+
+
 # ---- load_from -------------------------------------------------------------------------------
 class WiderRegressor(nn.Module):
     def __init__(self):
