@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = common(sub.add_parser('train', help='train a model'))
     tr.add_argument('--resume', nargs='?', const=True, default=None, metavar='PATH',
-                    help='resume from the latest checkpoint in the work dir, or from PATH')
+                    help='resume from the latest checkpoint in the work dir, or from PATH; '
+                         '"auto": the same, but start fresh if none was ever written')
     tr.add_argument('--load-from', help='initialise weights from a checkpoint (no training state)')
     for name in ('val', 'test'):
         sp = common(sub.add_parser(name, help=f'run the {name} loop'))
