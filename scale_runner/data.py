@@ -158,7 +158,9 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
         sampler = DATA_SAMPLERS.build(sampler_cfg, _cfg_path=f'{where}.sampler', dataset=dataset)
     else:
         sampler = sampler_cfg
-    collate = _build_collate(cfg.pop('collate_fn', dict(type='default_collate')), f'{where}.collate_fn')
+    collate = cfg.pop('collate_fn', dict(type='default_collate'))
+    if collate is not None:
+        collate = resolve_function(collate, f'{where}.collate_fn')
     # The loader's own generator: creating an iterator must not draw from the global RNG.
     cfg.setdefault('generator', LoaderGenerator(seed))
     if cfg.get('num_workers', 0) > 0:
@@ -169,30 +171,24 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
                          where)
 
 
-def _build_collate(collate: Any, where: str) -> Any:
-    """``collate_fn``: a callable, a registered/dotted name, or ``dict(type=..., **partial_kwargs)``."""
-    if isinstance(collate, dict):
-        collate = dict(collate)
-        if 'type' not in collate:
-            raise ConfigError(f'{where} needs a type, e.g. dict(type=\'default_collate\')')
-        fn = _get_function(collate.pop('type'), f'{where}.type')
-        return functools.partial(fn, **collate) if collate else fn
-    if isinstance(collate, str):
-        return _get_function(collate, where)
-    if collate is not None and not callable(collate):
+def resolve_function(fn: Any, where: str) -> Any:
+    """A function from config: a callable, a FUNCTIONS name or dotted path, or
+    ``dict(type=..., **kwargs)`` (the kwargs are bound with ``functools.partial``)."""
+    if isinstance(fn, dict):
+        fn = dict(fn)
+        if 'type' not in fn:
+            raise ConfigError(f"{where} needs a type naming a function, e.g. dict(type='default_collate')")
+        base = resolve_function(fn.pop('type'), f'{where}.type')
+        return functools.partial(base, **fn) if fn else base
+    if isinstance(fn, str):
+        try:
+            return FUNCTIONS.get(fn)
+        except KeyError as e:
+            raise ConfigError(f'{where}: {e.args[0] if e.args else e}') from None
+    if not callable(fn):
         raise ConfigError(f'{where} must be a callable, a registered name or dict(type=...), '
-                          f'got {collate!r}')
-    return collate
-
-
-def _get_function(key: Any, where: str) -> Any:
-    if callable(key):
-        return key
-    try:
-        return FUNCTIONS.get(key)
-    except KeyError as e:
-        msg = e.args[0] if e.args else str(e)
-        raise ConfigError(f'{where}: {msg}') from None
+                          f'got {fn!r}')
+    return fn
 
 
 def get_sampler(dataloader) -> Any:

@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .data import resolve_function
 from .errors import ConfigError
-from .registry import DATASETS, FUNCTIONS
+from .registry import DATASETS
 
 INSTALL = "pip install 'scale_runner[datasets]'"
 
@@ -65,7 +65,7 @@ class HFDataset(torch.utils.data.Dataset):
                  from_disk: bool | None = None, **load_kwargs):
         datasets = _import_datasets()
         self.path, self.split = path, split
-        map_fn = _resolve_function(map, 'dataset.map') if map is not None else None
+        map_fn = resolve_function(map, 'dataset.map') if map is not None else None
         with _main_process_first():
             ds = self._load(datasets, path, name, data_files, split, data_dir, from_disk, load_kwargs)
             if map_fn is not None:
@@ -167,19 +167,3 @@ def _check_columns(ds, wanted, key: str, path: str) -> None:
         raise ConfigError(f'dataset.{key}: column(s) {", ".join(hints)} not in {path!r}; '
                           f'available columns: {have}')
 
-
-def _resolve_function(fn: Any, where: str):
-    if isinstance(fn, dict):
-        fn = dict(fn)
-        if 'type' not in fn:
-            raise ConfigError(f"{where} needs a type naming a function, e.g. dict(type='my_tokenize')")
-        base = _resolve_function(fn.pop('type'), f'{where}.type')
-        return functools.partial(base, **fn) if fn else base
-    if isinstance(fn, str):
-        try:
-            return FUNCTIONS.get(fn)
-        except KeyError as e:
-            raise ConfigError(f'{where}: {e.args[0]}') from None
-    if not callable(fn):
-        raise ConfigError(f'{where} must be a function, a FUNCTIONS name or dict(type=...), got {fn!r}')
-    return fn
