@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import zlib
 import shutil
 import warnings
 from pathlib import Path
@@ -50,6 +51,8 @@ def test_checkpoint_dir_holds_only_safetensors_and_json_with_full_manifest(tmp_p
     ckpt = tmp_path / 'checkpoints' / 'epoch_1'
     files = sorted(p.name for p in ckpt.iterdir())
     assert all(p.is_file() for p in ckpt.iterdir()), files
+    # every file gets the same permissions (safetensors alone would create 0600 files)
+    assert len({p.stat().st_mode for p in ckpt.iterdir()}) == 1
     assert all(n.endswith(('.safetensors', '.json')) for n in files), files
     assert {'manifest.json', 'model.safetensors', 'state.json', 'state.safetensors'} <= set(files)
     for p in ckpt.iterdir():
@@ -63,12 +66,52 @@ def test_checkpoint_dir_holds_only_safetensors_and_json_with_full_manifest(tmp_p
     for name, entry in listed.items():
         data = (ckpt / name).read_bytes()
         assert entry['size'] == len(data)
-        assert entry['sha256'] == hashlib.sha256(data).hexdigest()
+        assert entry['crc32'] == [zlib.crc32(data)]  # small files: one piece
     assert (tmp_path / 'checkpoints' / 'latest').read_text().strip() == 'epoch_1'
     # the optimizer's momentum buffers are in the checkpoint, as tensors
     state = read_checkpoint(ckpt)['state']
     assert state['optimizer']['state'], 'optimizer state (momentum) was not saved'
     assert state['train_state']['epoch'] == 1 and state['train_state']['iter'] == 8
+
+
+def test_large_files_are_checked_in_pieces_and_any_damaged_piece_is_found(tmp_path, tiny_parts,
+                                                                         monkeypatch):
+    import scale_runner.checkpoint as ck
+    monkeypatch.setattr(ck, 'CHECKSUM_CHUNK', 64)  # the real size is 32 MiB: make the files big
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=1)))
+    ckpt = tmp_path / 'checkpoints' / 'epoch_1'
+    entry = json.loads((ckpt / 'manifest.json').read_text())['files']['state.safetensors']
+    data = (ckpt / 'state.safetensors').read_bytes()
+    assert entry['chunk_size'] == 64 and len(data) > 2 * 64
+    assert entry['crc32'] == [zlib.crc32(data[a:a + 64]) for a in range(0, len(data), 64)]
+    before = read_checkpoint(ckpt)['state']['optimizer']
+    # The pieces are checked with the manifest's own piece size, whatever the default is now.
+    monkeypatch.setattr(ck, 'CHECKSUM_CHUNK', 1 << 20)
+    assert read_checkpoint(ckpt)['state']['optimizer'].keys() == before.keys()
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 1  # one bit in a middle piece
+    (ckpt / 'state.safetensors').write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match='state.safetensors is damaged: its checksum differs'):
+        read_checkpoint(ckpt)
+
+
+def test_format_1_checkpoints_with_sha256_manifests_still_load(tmp_path, tiny_parts):
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=1)))
+    ckpt = tmp_path / 'checkpoints' / 'epoch_1'
+    expected = read_checkpoint(ckpt)['model']
+    manifest = json.loads((ckpt / 'manifest.json').read_text())
+    for name in manifest['files']:
+        data = (ckpt / name).read_bytes()
+        manifest['files'][name] = {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+    manifest['format_version'] = 1
+    (ckpt / 'manifest.json').write_text(json.dumps(manifest))
+    loaded = read_checkpoint(ckpt)['model']
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    data = bytearray((ckpt / 'model.safetensors').read_bytes())
+    data[-1] ^= 1
+    (ckpt / 'model.safetensors').write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match='model.safetensors is damaged: its checksum differs'):
+        read_checkpoint(ckpt)
 
 
 # ---- exact resume ----------------------------------------------------------------------------
@@ -395,6 +438,7 @@ def test_planted_pickle_with_forged_manifest_is_never_unpickled(two_checkpoints,
     _pickle_bomb(ckpt / 'model.safetensors')
     manifest = json.loads((ckpt / 'manifest.json').read_text())
     data = (ckpt / 'model.safetensors').read_bytes()
+    # (a format-1 entry: one sha256 of the whole file)
     manifest['files']['model.safetensors'] = {'size': len(data),
                                               'sha256': hashlib.sha256(data).hexdigest()}
     (ckpt / 'manifest.json').write_text(json.dumps(manifest))
@@ -631,7 +675,7 @@ def test_every_file_the_loader_reads_refuses_a_pickle(window_checkpoints, no_mar
     if target != 'manifest.json':
         manifest = json.loads((ckpt / 'manifest.json').read_text())
         data = (ckpt / target).read_bytes()
-        manifest['files'][target] = {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+        manifest['files'][target] = {'size': len(data), 'chunk_size': 1 << 20, 'crc32': [zlib.crc32(data)]}
         (ckpt / 'manifest.json').write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match=pattern):
             read_checkpoint(ckpt)
