@@ -1,15 +1,63 @@
-"""Per-step cost of scale_runner against a plain PyTorch loop and a hand-written Accelerate loop.
+"""Per-step cost of scale_runner against a plain PyTorch loop, a hand-written Accelerate loop and,
+when installed, MMEngine's Runner and Lightning (issue 9).
 
-Workload (issue 9): a 32->64->32 MLP, batch 64, in-memory data, AdamW, one thread, one epoch.
-Each variant runs in its own fresh process; variants are interleaved over the repetitions and
-the median per-step time is reported with its ratio to the plain loop. The final loss of every
-variant is printed too: scale_runner's must equal the plain loop's bit for bit.
+Workload (see ``_peers.py``): a 32->64->32 MLP, batch 64, in-memory ``TensorDataset`` through a
+``DataLoader``, AdamW lr 1e-3, one torch thread, one epoch of ``--steps`` steps, the same initial
+weights everywhere. Every run is a fresh child process (``OMP_NUM_THREADS=1``,
+``torch.set_num_threads(1)``); the variants are interleaved over the repetitions.
 
-    python bench/step_overhead.py --steps 3000 --reps 5
+    python bench/step_overhead.py --steps 3000 --reps 5        # per-step time, every variant
+    python bench/step_overhead.py --steps 3000 --reps 5 --variants scale_runner,mmengine
+    python bench/step_overhead.py --paired --steps 6000         # paired chunks, one process
+    python bench/step_overhead.py --calls --steps 300           # Python calls per step
+    python bench/step_overhead.py --dispatch --steps 3000       # cost of 20 idle hooks
+    python bench/step_overhead.py --flat 30000                  # per-step time per sixth
+
+Variants (``--variants``, comma-separated; ``plain`` always runs, as the baseline):
+``plain`` (a plain PyTorch loop), ``accelerate`` (a hand-written Accelerate loop),
+``scale_runner`` (``Runner.train()`` with its default hooks: logger every 10 iterations,
+checkpoint at the end), ``scale_runner+idle`` (the same with 20 hooks that implement only
+``before_train``), ``mmengine`` (MMEngine's ``Runner`` with its default hooks, logger every 10,
+checkpoint at the end), ``lightning`` (a bare ``Trainer``: no progress bar, logger,
+checkpointing or model summary) and ``lightning-defaults`` (the Trainer's default progress bar,
+logger and checkpointing, ``log_every_n_steps=10``, the loss ``self.log``'ed every step; with
+``rich`` installed Lightning 2.6 picks ``RichProgressBar``, and the table says what it used).
+MMEngine and Lightning are skipped, with a line saying so, when not installed. The children's
+stdout is a pipe, so progress bars behave as in a non-interactive job.
+
+Modes:
+
+- default: median and min µs/step over ``--reps`` runs (timed from the start to the end of
+  training, inside the framework: ``before_train``/``after_train`` hooks, Lightning's
+  ``on_train_start``/``on_train_end``), the ratio of medians to the plain loop, and the final
+  loss; then whether scale_runner's final loss equals the plain loop's bit for bit.
+- ``--paired``: the least noisy ratio. In one process, scale_runner's ``train()`` (default
+  hooks, logger every 10) is paused every ``CHUNK`` iterations by a lowest-priority hook that
+  runs ``CHUNK`` steps of the plain loop and ``CHUNK`` steps of the hand-written Accelerate loop
+  (own models, optimizers and data loaders; alternating which goes first). Each chunk of each
+  loop is timed, so all three see the same moments of the machine; reported: the median and
+  quartiles of the per-chunk ratios to the plain chunk next to it, and the ratio of the sums.
+  The pausing hook's own per-iteration call is charged to scale_runner.
+- ``--calls``: a deterministic complement to the noisy timings. Python function calls
+  (``sys.setprofile``: ``call`` and ``c_call`` events, generator resumptions included) from the
+  end of step 100 to the end of step 200, per step, split by the package whose code runs (a C
+  function counts for the Python code that calls it). Includes the probe's own 2-3 calls.
+- ``--dispatch``: in-process. Two Runners with the default hooks, trained one iteration so their
+  hooks are registered, one with 20 idle hooks. Times 100,000 ``call_hook`` dispatches (best of
+  ``--reps``) of a point no hook implements and of ``before_train_iter`` (IterTimerHook's), with
+  0 and 20 idle hooks, and, for reference, dispatch that calls every hook's method (MMEngine's
+  way); the difference times the 2 per-iteration points of a step is related to the plain
+  loop's step (median of ``--reps`` child runs of ``--steps`` steps).
+- ``--flat STEPS``: one run of STEPS iterations over a dataset of STEPS/6 batches (so it crosses
+  five epoch transitions) per variant: the plain loop (6 epochs), scale_runner and MMEngine with
+  their iteration-based loops. Per sixth: the median per-step time (robust to the VM's noise
+  bursts) relative to the first sixth, and the mean; then the longest epoch-transition gap (the
+  first iteration of a new epoch) against the median step.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -17,172 +65,502 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import NamedTuple
 
-SEED = 0
-DIM, HIDDEN, BATCH = 32, 64, 64
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _peers  # noqa: E402
+from _peers import BATCH, LR, SEED  # noqa: E402
+
+CALLS_FROM, CALLS_TO = 100, 200  # --calls counts from the end of step 100 to the end of step 200
+IDLE_HOOKS = 20
+RESULT = 'RESULT '  # prefix of the child's result line (frameworks may print around it)
 
 
-def _setup(steps):
+class Work(NamedTuple):
+    batches: int          # dataset size in batches
+    epochs: int = 1
+    iter_based: bool = False  # scale_runner and MMEngine: IterBasedTrainLoop (epochs * batches)
+
+
+# ---- what a child measures ------------------------------------------------------------------
+class Probe:
+    """Called by every variant: ``start()``/``stop()`` around training, and ``tick`` after every
+    iteration (``None`` when timing, so the timed runs carry no per-iteration probe)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.t0 = self.t1 = None
+        self.note = ''  # what the variant used, when it is not obvious (Lightning's defaults)
+        self.marks: list[float] = []
+        self.ticks = 0
+        self.calls: collections.Counter = collections.Counter()
+        self.tick = {'time': None, 'calls': self._count_window, 'flat': self._mark}[mode]
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        self.t1 = time.perf_counter()
+
+    def _mark(self):
+        self.marks.append(time.perf_counter())
+
+    def _count_window(self):
+        self.ticks += 1
+        if self.ticks == CALLS_FROM:
+            sys.setprofile(self._profile)
+        elif self.ticks == CALLS_TO:
+            sys.setprofile(None)
+
+    def _profile(self, frame, event, arg):
+        if event == 'call' or event == 'c_call':
+            self.calls[frame.f_code.co_filename] += 1
+
+    def result(self, loss: float, work: Work) -> dict:
+        import torch
+        out = {'loss': loss, 'threads': torch.get_num_threads(), 'note': self.note}
+        if self.mode == 'time':
+            out['seconds'] = self.t1 - self.t0
+        elif self.mode == 'calls':
+            by_package = collections.Counter()
+            for filename, n in self.calls.items():
+                by_package[_package(filename)] += n
+            out['calls'] = {k: v / (CALLS_TO - CALLS_FROM) for k, v in by_package.items()}
+        else:
+            out.update(_flat_summary([self.t0] + self.marks, work.batches))
+        return out
+
+
+def _package(filename: str) -> str:
+    """The package a source file belongs to (``python`` for the standard library)."""
+    path = Path(filename)
+    if path.name in ('step_overhead.py', '_peers.py') and path.parent.name == 'bench':
+        return 'bench'
+    parts = path.parts
+    if 'site-packages' in parts:
+        top = parts[parts.index('site-packages') + 1].removesuffix('.py')
+        return 'lightning' if top.startswith(('lightning', 'pytorch_lightning')) else top
+    if 'scale_runner' in parts:
+        return 'scale_runner'
+    return 'python'
+
+
+def _flat_summary(marks: list[float], per_epoch: int) -> dict:
+    """Per-sixth median/mean µs per step and epoch-transition gaps from per-iteration times."""
+    steps = [(b - a) * 1e6 for a, b in zip(marks, marks[1:])]
+    n = len(steps) // 6
+    sixths = [steps[i * n:(i + 1) * n] for i in range(6)]
+    gaps = [steps[k] for k in range(per_epoch, len(steps), per_epoch)]
+    return {'sixths': [{'median': statistics.median(s), 'mean': statistics.mean(s)} for s in sixths],
+            'median_step': statistics.median(steps), 'gaps': gaps}
+
+
+# ---- the variants (each runs in a child process) ----------------------------------------------
+def plain(probe: Probe, work: Work) -> float:
     import torch
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(123)
-    x = torch.randn(steps * BATCH, DIM, generator=g)
-    y = torch.randn(steps * BATCH, DIM, generator=g)
-    return torch, torch.utils.data.TensorDataset(x, y)
+    ds = _peers.dataset(work.batches)
+    model = _peers.mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    loader = _peers.loader(ds)
+    tick = probe.tick
+    probe.start()
+    for _ in range(work.epochs):
+        for x, y in loader:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if tick:
+                tick()
+    probe.stop()
+    return loss.item()
 
 
-def _model(torch):
-    from accelerate.utils import set_seed
-    set_seed(SEED)
-    return torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, DIM))
-
-
-def plain(steps):
-    torch, ds = _setup(steps)
-    model = _model(torch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False)
-    t0 = time.perf_counter()
-    for x, y in loader:
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return time.perf_counter() - t0, loss.item()
-
-
-def accelerate_loop(steps):
-    torch, ds = _setup(steps)
+def accelerate_loop(probe: Probe, work: Work) -> float:
+    import torch
     from accelerate import Accelerator
+    ds = _peers.dataset(work.batches)
     acc = Accelerator(cpu=True)
-    model = _model(torch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False)
-    model, opt, loader = acc.prepare(model, opt, loader)
-    t0 = time.perf_counter()
-    for x, y in loader:
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad()
-    return time.perf_counter() - t0, loss.item()
+    model = _peers.mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    model, opt, loader = acc.prepare(model, opt, _peers.loader(ds))
+    tick = probe.tick
+    probe.start()
+    for _ in range(work.epochs):
+        for x, y in loader:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            if tick:
+                tick()
+    probe.stop()
+    return loss.item()
 
 
-def _net_class(torch):
-    """The same MLP as a module returning its loss (the runner's model contract)."""
+def _scale_runner(ds, work: Work, custom_hooks: list):
+    """A scale_runner Runner with its default hooks (logger every 10 iterations, checkpoint at
+    the end), no validation; the model is built after the runner seeds, like the plain loop's."""
+    import torch
+    from scale_runner import Runner
+
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = _model(torch)
+            self.net = _peers.mlp()
 
         def forward(self, x, y):
             return torch.nn.functional.mse_loss(self.net(x), y)
-    return Net
+
+    if work.iter_based:
+        train_cfg = dict(by_epoch=False, max_iters=work.epochs * work.batches)
+    else:
+        train_cfg = dict(by_epoch=True, max_epochs=work.epochs)
+    r = Runner(model=dict(type=Net), work_dir=tempfile.mkdtemp(),
+               train_dataloader=dict(dataset=ds, batch_size=BATCH,
+                                     sampler=dict(type='DefaultSampler', shuffle=False)),
+               train_cfg=train_cfg,
+               optim_wrapper=dict(optimizer=dict(type='AdamW', lr=LR)),
+               default_hooks=dict(logger=dict(interval=10),
+                                  checkpoint=dict(interval=-1, save_last=True)),
+               custom_hooks=custom_hooks, randomness=dict(seed=SEED), accelerator=dict(cpu=True),
+               log_level='WARNING')
+    return r
 
 
-def runner(steps, extra_hooks=0):
-    torch, ds = _setup(steps)
-    from scale_runner import Hook, Runner
+def _idle_hooks(n: int) -> list:
+    from scale_runner import Hook
 
-    Net = _net_class(torch)
-
-    class Idle(Hook):
+    class Idle(Hook):  # implements no per-iteration point
         def before_train(self, runner):
             pass
+    return [Idle() for _ in range(n)]
 
-    times = {}
+
+def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0) -> float:
+    from scale_runner import Hook
 
     class Clock(Hook):
         priority = 'HIGHEST'
 
         def before_train(self, runner):
-            times['t0'] = time.perf_counter()
+            probe.start()
 
         def after_train(self, runner):
-            times['t1'] = time.perf_counter()
+            probe.stop()
 
-    work_dir = tempfile.mkdtemp()
-    r = Runner(model=Net, work_dir=work_dir,
-               train_dataloader=dict(dataset=ds, batch_size=BATCH,
-                                     sampler=dict(type='DefaultSampler', shuffle=False)),
-               train_cfg=dict(by_epoch=True, max_epochs=1),
-               optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)),
-               default_hooks=dict(logger=dict(interval=10), checkpoint=dict(interval=-1, save_last=True)),
-               custom_hooks=[Clock()] + [Idle() for _ in range(extra_hooks)],
-               randomness=dict(seed=SEED), accelerator=dict(cpu=True), log_level='WARNING')
-    # The model class is built after seeding, like the plain loop's model.
-    r._model_cfg = dict(type=Net)
-    r.model = None
+    class Ticker(Clock):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            probe.tick()
+
+    clock = Ticker() if probe.tick else Clock()
+    r = _scale_runner(_peers.dataset(work.batches), work, [clock] + _idle_hooks(idle_hooks))
     r.train()
-    loss = float(r.log_buffer.current['loss'])
-    return times['t1'] - times['t0'], loss
+    return float(r.log_buffer.current['loss'])
 
 
-def flat(steps):
-    """Per-step time in each sixth of one long run, relative to the first sixth."""
-    torch, ds = _setup(steps // 6)  # one epoch = a sixth: epoch transitions are included
-    from scale_runner import Hook, Runner
+def mmengine(probe: Probe, work: Work) -> float:
+    r = _peers.mmengine_runner(_peers.dataset(work.batches), tempfile.mkdtemp(),
+                               epochs=work.epochs, iter_based=work.iter_based,
+                               on_start=probe.start, on_stop=probe.stop, on_iter=probe.tick)
+    r.train()
+    return _peers.mmengine_last_loss(r)
 
-    Net = _net_class(torch)
 
-    marks = []
+def lightning(probe: Probe, work: Work, defaults: bool = False) -> float:
+    loss, trainer = _peers.lightning_fit(_peers.dataset(work.batches), tempfile.mkdtemp(),
+                                         defaults=defaults, epochs=work.epochs,
+                                         on_start=probe.start, on_stop=probe.stop,
+                                         on_iter=probe.tick)
+    probe.note = _peers.describe(trainer)
+    return loss
 
-    class Sixths(Hook):
+
+# key: (label, function, package it needs or None)
+VARIANTS = {
+    'plain': ('plain', plain, None),
+    'accelerate': ('accelerate loop', accelerate_loop, None),
+    'scale_runner': ('scale_runner', scale_runner, None),
+    'scale_runner+idle': (f'scale_runner+{IDLE_HOOKS} idle hooks',
+                          lambda p, w: scale_runner(p, w, idle_hooks=IDLE_HOOKS), None),
+    'mmengine': ('mmengine', mmengine, 'mmengine'),
+    'lightning': ('lightning (bare)', lightning, 'lightning'),
+    'lightning-defaults': ('lightning (defaults)', lambda p, w: lightning(p, w, defaults=True),
+                           'lightning'),
+}
+FLAT_VARIANTS = 'plain,scale_runner,mmengine'
+
+
+def child_main(args) -> None:
+    _peers.quiet()
+    work = Work(args.batches, args.epochs, args.iter_based)
+    probe = Probe(args.mode)
+    loss = VARIANTS[args.one][1](probe, work)
+    print(RESULT + json.dumps(probe.result(loss, work)), flush=True)
+
+
+# ---- the parent -------------------------------------------------------------------------------
+def run_child(key: str, mode: str, work: Work) -> dict | None:
+    """Run one variant in a fresh process; ``None`` (with its stderr shown) if it failed."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore',
+               TF_CPP_MIN_LOG_LEVEL='3')
+    cmd = [sys.executable, __file__, '--one', key, '--mode', mode, '--batches', str(work.batches),
+           '--epochs', str(work.epochs)] + (['--iter-based'] if work.iter_based else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(RESULT)]
+    if out.returncode or not lines:
+        tail = '\n'.join((out.stderr or out.stdout).strip().splitlines()[-15:])
+        print(f'!! {key} failed (exit {out.returncode}):\n{tail}', file=sys.stderr)
+        return None
+    rec = json.loads(lines[-1][len(RESULT):])
+    if rec['threads'] != 1:
+        print(f'!! {key} ran with {rec["threads"]} torch threads', file=sys.stderr)
+    return rec
+
+
+def chosen_variants(spec: str | None, default: str | None = None) -> list[str]:
+    """The variants asked for (plain always included, as the baseline), installed ones only."""
+    keys = (spec or default or ','.join(VARIANTS)).split(',')
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown:
+        sys.exit(f'unknown variant(s) {", ".join(unknown)}; choose from {", ".join(VARIANTS)}')
+    keys = ['plain'] + [k for k in keys if k != 'plain']
+    ready = []
+    for key in keys:
+        package = VARIANTS[key][2]
+        if package and not _peers.installed(package):
+            print(f'{VARIANTS[key][0]}: skipped, {package} is not installed')
+        else:
+            ready.append(key)
+    return ready
+
+
+def time_mode(keys: list[str], steps: int, reps: int) -> None:
+    work = Work(steps)
+    per_step = {k: [] for k in keys}
+    losses, notes = {}, {}
+    for _ in range(reps):
+        for key in keys:
+            rec = run_child(key, 'time', work)
+            if rec:
+                per_step[key].append(rec['seconds'] / steps * 1e6)
+                losses[key] = rec['loss']
+                notes[key] = rec['note']
+    base = statistics.median(per_step['plain']) if per_step['plain'] else None
+    print(f'{steps} steps, median of {reps} interleaved runs per variant')
+    print(f'{"variant":<28} {"median us/step":>14} {"min us/step":>12} {"ratio":>7}  final loss')
+    for key in keys:
+        vals = per_step[key]
+        if not vals:
+            print(f'{VARIANTS[key][0]:<28} failed')
+            continue
+        med = statistics.median(vals)
+        ratio = f'{med / base:7.3f}' if base else '      -'
+        print(f'{VARIANTS[key][0]:<28} {med:14.1f} {min(vals):12.1f} {ratio}  {losses[key]!r}')
+    for key, note in notes.items():
+        if note:
+            print(f'{VARIANTS[key][0]}: {note}')
+    if 'scale_runner' in losses and 'plain' in losses:
+        same = losses['scale_runner'] == losses['plain']
+        print(f'scale_runner final loss == plain loop final loss bit for bit: {"yes" if same else "NO"}'
+              f' ({losses["scale_runner"]!r} vs {losses["plain"]!r})')
+
+
+def calls_mode(keys: list[str], steps: int) -> None:
+    if steps < CALLS_TO:
+        sys.exit(f'--calls needs --steps >= {CALLS_TO}')
+    counts = {}
+    for key in keys:
+        rec = run_child(key, 'calls', Work(steps))
+        if rec:
+            counts[key] = rec['calls']
+    totals = collections.Counter()
+    for c in counts.values():
+        totals.update(c)
+    columns = [p for p, _ in totals.most_common(7)]
+    print(f'Python calls per step (steps {CALLS_FROM}-{CALLS_TO}), by package of the running code')
+    print(f'{"variant":<28} {"total":>7} ' + ' '.join(f'{c[:12]:>12}' for c in columns) + f' {"other":>7}')
+    for key, c in counts.items():
+        shown = [c.get(col, 0) for col in columns]
+        other = sum(c.values()) - sum(shown)
+        print(f'{VARIANTS[key][0]:<28} {sum(c.values()):7.1f} '
+              + ' '.join(f'{v:12.1f}' for v in shown) + f' {other:7.1f}')
+    if 'scale_runner' in counts and 'scale_runner+idle' in counts:
+        a, b = sum(counts['scale_runner'].values()), sum(counts['scale_runner+idle'].values())
+        print(f'scale_runner calls/step with {IDLE_HOOKS} idle hooks: {b:.1f} vs {a:.1f} without: '
+              f'{"identical" if a == b else f"{b - a:+.1f}"}')
+
+
+def flat_mode(keys: list[str], steps: int) -> None:
+    per_epoch = steps // 6
+    work = Work(per_epoch, epochs=6, iter_based=True)
+    recs = {}
+    for key in keys:
+        rec = run_child(key, 'flat', work)
+        if rec:
+            recs[key] = rec
+    iter_loops = ('scale_runner', 'scale_runner+idle', 'mmengine')
+    labels = {k: VARIANTS[k][0] + (' (iter loop)' if k in iter_loops else '') for k in recs}
+    width = 30
+    print(f'{per_epoch * 6} steps, {per_epoch} per epoch; per-step µs: median (vs 1st sixth) / mean')
+    print('sixth ' + ''.join(f'{labels[k][:width]:>{width}}' for k in recs))
+    for i in range(6):
+        cells = []
+        for rec in recs.values():
+            s, first = rec['sixths'][i], rec['sixths'][0]['median']
+            cells.append(f'{s["median"]:.1f} ({s["median"] / first:.3f}) / {s["mean"]:.1f}')
+        print(f'{i + 1:>5} ' + ''.join(f'{c:>{width}}' for c in cells))
+    print('longest epoch-transition step (first step of epochs 2-6) vs the median step:')
+    for key, rec in recs.items():
+        gap, med = max(rec['gaps']), rec['median_step']
+        print(f'  {labels[key]:<32} {gap / 1e3:9.2f} ms vs {med:.1f} µs ({gap / med:.1f}x); '
+              f'extra ≈ {(gap - med) / 1e3:.2f} ms')
+
+
+CHUNK = 100
+
+
+def paired_mode(steps: int) -> None:
+    import torch
+    from scale_runner import Hook
+    _peers.quiet()
+    F = torch.nn.functional
+
+    def cycle(loader):
+        while True:
+            yield from loader
+
+    def baseline(model, opt, loader, backward):
+        batches = cycle(loader)
+
+        def chunk() -> float:
+            t0 = time.perf_counter()
+            for _ in range(CHUNK):
+                x, y = next(batches)
+                loss = F.mse_loss(model(x), y)
+                backward(loss)
+                opt.step()
+                opt.zero_grad()
+            return time.perf_counter() - t0
+        return chunk
+
+    times = {'scale_runner': [], 'plain': [], 'accelerate loop': []}
+
+    class Pair(Hook):
+        priority = 'LOWEST'  # after every other hook of the iteration: they are in its chunk
+
         def before_train(self, runner):
-            marks.append(time.perf_counter())
+            model = _peers.mlp()
+            self.loops = {'plain': baseline(model, torch.optim.AdamW(model.parameters(), lr=LR),
+                                            _peers.loader(_peers.dataset(steps)), lambda l: l.backward())}
+            acc = runner.accelerator  # a hand-written loop on the same Accelerator
+            model = _peers.mlp()
+            prepared = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR),
+                                   _peers.loader(_peers.dataset(steps)))
+            self.loops['accelerate loop'] = baseline(*prepared, acc.backward)
+            self.mark = time.perf_counter()
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            if runner.iter % (steps // 6) == 0:
-                marks.append(time.perf_counter())
+            if runner.iter % CHUNK:
+                return
+            times['scale_runner'].append(time.perf_counter() - self.mark)
+            order = list(self.loops) if len(times['plain']) % 2 == 0 else list(self.loops)[::-1]
+            for name in order:
+                times[name].append(self.loops[name]())
+            self.mark = time.perf_counter()
 
-    Runner(model=Net(), work_dir=tempfile.mkdtemp(),
-           train_dataloader=dict(dataset=ds, batch_size=BATCH),
-           train_cfg=dict(by_epoch=False, max_iters=steps),
-           optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)),
-           default_hooks=dict(checkpoint=dict(interval=-1, save_last=True)),
-           custom_hooks=[Sixths()], randomness=dict(seed=SEED), accelerator=dict(cpu=True),
-           log_level='WARNING').train()
-    parts = [b - a for a, b in zip(marks, marks[1:])]
-    return parts
+    _scale_runner(_peers.dataset(steps), Work(steps), [Pair()]).train()
+    plain = times['plain']
+    print(f'{steps} steps of each loop in {len(plain)} paired chunks of {CHUNK} steps, one process')
+    print(f'{"loop":<18} {"us/step (median chunk)":>23} {"ratio to plain: median":>23} '
+          f'{"quartiles":>15} {"of sums":>8}')
+    for name, vals in times.items():
+        ratios = sorted(v / b for v, b in zip(vals, plain))
+        q1, med, q3 = statistics.quantiles(ratios, n=4)
+        print(f'{name:<18} {statistics.median(vals) / CHUNK * 1e6:23.1f} {med:23.3f} '
+              f'{f"{q1:.3f}-{q3:.3f}":>15} {sum(vals) / sum(plain):8.3f}')
 
 
-VARIANTS = {'plain': plain, 'accelerate': accelerate_loop, 'scale_runner': runner,
-            'scale_runner+20 idle hooks': lambda s: runner(s, extra_hooks=20)}
+def dispatch_mode(steps: int, reps: int, calls: int = 100_000) -> None:
+    _peers.quiet()
+    runners = {}
+    for n in (0, IDLE_HOOKS):  # a one-iteration run registers the hooks and fills the cache
+        runners[n] = _scale_runner(_peers.dataset(1), Work(1), _idle_hooks(n))
+        runners[n].train()
+    points = ('before_train_iter', 'after_train_iter')
+    for n, r in runners.items():
+        called = sum(sum(h.overrides(p) for h in r.hooks) for p in points)
+        print(f'{n:>2} idle hooks: {len(r.hooks)} hooks registered, {called} hook methods called '
+              f'per step ({" + ".join(points)})')
+
+    def dispatch(point):
+        def run(r):
+            for _ in range(calls):
+                r.call_hook(point, batch_idx=0, data_batch=None)
+        return run
+
+    def every_hook(r):  # dispatch that calls every hook's method (MMEngine's way), for reference
+        hooks = r.hooks
+        for _ in range(calls):
+            for h in hooks:
+                getattr(h, 'before_train_iter')(r, batch_idx=0, data_batch=None)
+
+    rows = {'call_hook, a point no hook implements': dispatch('unimplemented_iter_point'),
+            'call_hook("before_train_iter")': dispatch('before_train_iter'),  # IterTimerHook's
+            'calling every hook (uncached)': every_hook}
+    timings = {(label, n): [] for label in rows for n in runners}
+    for _ in range(reps):
+        for label, f in rows.items():
+            for n, r in runners.items():
+                t0 = time.perf_counter()
+                f(r)
+                timings[label, n].append((time.perf_counter() - t0) / calls * 1e9)
+                r.log_buffer.clear_window('train')
+    ns = {key: min(v) for key, v in timings.items()}  # noise only ever adds time
+    plain_runs = [run_child('plain', 'time', Work(steps)) for _ in range(reps)]
+    plain_us = statistics.median(r['seconds'] / steps * 1e6 for r in plain_runs if r)
+    print(f'{calls:,} dispatches, best of {reps}; plain loop: {plain_us:.1f} µs/step '
+          f'({steps} steps, median of {reps} child runs); 2 per-iteration points per step')
+    print(f'{"dispatch":<40} {"0 idle ns":>10} {f"{IDLE_HOOKS} idle ns":>11} {"per step":>12} '
+          f'{"% of plain step":>16}')
+    for label in rows:
+        a, b = ns[label, 0], ns[label, IDLE_HOOKS]
+        per_step_us = 2 * (b - a) / 1e3
+        print(f'{label:<40} {a:10.1f} {b:11.1f} {per_step_us:+9.3f} µs {per_step_us / plain_us:+15.2%}')
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--steps', type=int, default=3000)
     p.add_argument('--reps', type=int, default=5)
-    p.add_argument('--one', help=argparse.SUPPRESS)
+    p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(VARIANTS)} '
+                                      '(plain is always run: it is the baseline)')
+    p.add_argument('--calls', action='store_true', help='instead: Python calls per step')
+    p.add_argument('--dispatch', action='store_true', help='instead: cost of 20 idle hooks')
+    p.add_argument('--paired', action='store_true',
+                   help='instead: scale_runner, plain and Accelerate loops in paired chunks in one process')
     p.add_argument('--flat', type=int, metavar='STEPS',
-                   help='instead: per-sixth step time of one run of STEPS iterations (e.g. 30000)')
+                   help=f'instead: per-sixth step time of one run of STEPS iterations (e.g. 30000); '
+                        f'variants default to {FLAT_VARIANTS}')
+    p.add_argument('--one', help=argparse.SUPPRESS)
+    p.add_argument('--mode', default='time', choices=('time', 'calls', 'flat'), help=argparse.SUPPRESS)
+    p.add_argument('--batches', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--epochs', type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument('--iter-based', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.flat:
-        parts = flat(args.flat)
-        print('sixth  us/step  vs first')
-        for i, t in enumerate(parts, 1):
-            print(f'{i:>5}  {t / (args.flat // 6) * 1e6:7.1f}  {t / parts[0]:7.3f}')
-        return
     if args.one:
-        seconds, loss = VARIANTS[args.one](args.steps)
-        print(json.dumps({'seconds': seconds, 'loss': loss}))
-        return
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    results = {name: [] for name in VARIANTS}
-    losses = {}
-    for rep in range(args.reps):
-        for name in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, '--one', name, '--steps', str(args.steps)],
-                                 capture_output=True, text=True, env=env, check=True)
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
-            results[name].append(rec['seconds'] / args.steps * 1e6)
-            losses[name] = rec['loss']
-    base = statistics.median(results['plain'])
-    print(f'{"variant":<28} {"us/step":>9} {"ratio":>7}  final loss')
-    for name, vals in results.items():
-        med = statistics.median(vals)
-        print(f'{name:<28} {med:9.1f} {med / base:7.3f}  {losses[name]!r}')
+        child_main(args)
+    elif args.dispatch:
+        dispatch_mode(args.steps, args.reps)
+    elif args.paired:
+        paired_mode(args.steps)
+    elif args.flat:
+        flat_mode(chosen_variants(args.variants, FLAT_VARIANTS), args.flat)
+    elif args.calls:
+        calls_mode(chosen_variants(args.variants), args.steps)
+    else:
+        time_mode(chosen_variants(args.variants), args.steps, args.reps)
 
 
 if __name__ == '__main__':

@@ -97,7 +97,9 @@ class BaseModel(nn.Module):
 def train_step(model: nn.Module, data: Any, optim_wrapper) -> dict:
     """One training step of ``model`` (as prepared), whatever kind of module it is."""
     core = unwrap(model)
-    if hasattr(core, 'train_step'):
+    # Looked up on the class: on an nn.Module without it, hasattr would raise and catch an
+    # AttributeError in Module.__getattr__ every step.
+    if hasattr(type(core), 'train_step'):
         return core.train_step(data, optim_wrapper)
     with optim_wrapper.optim_context(model):
         outputs = run_forward(model, data)

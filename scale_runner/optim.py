@@ -10,6 +10,7 @@ from .errors import ConfigError
 from .registry import OPTIM_WRAPPERS, OPTIMIZERS
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one serves every step
 # Distributed types whose optimizer step/backward need nothing from Accelerate's wrappers.
 FAST_TYPES = frozenset({'NO', 'MULTI_CPU', 'MULTI_GPU', 'MULTI_NPU', 'MULTI_XPU', 'MULTI_MLU',
                         'MULTI_MUSA', 'MULTI_SDAA', 'MULTI_HPU'})
@@ -91,19 +92,18 @@ class OptimWrapper:
             return tail
         return counts
 
-    @contextlib.contextmanager
     def optim_context(self, model):
         """Forward/backward context: no gradient all-reduce on non-updating micro-batches."""
-        sync = self.should_update()
         acc = self.accelerator
-        if acc is None or sync or self.accumulative_counts == 1:
-            if acc is not None:
-                acc.gradient_state._set_sync_gradients(True)
-            yield
-            return
-        acc.gradient_state._set_sync_gradients(False)
-        with acc.no_sync(self.model if self.model is not None else model):
-            yield
+        if acc is None:
+            return _NO_CONTEXT
+        state = acc.gradient_state
+        if self.accumulative_counts == 1 or self.should_update():
+            if not state.sync_gradients:
+                state._set_sync_gradients(True)
+            return _NO_CONTEXT
+        state._set_sync_gradients(False)
+        return acc.no_sync(self.model if self.model is not None else model)
 
     # ---- the MMEngine API ----------------------------------------------------------------
     def update_params(self, loss: torch.Tensor, step_kwargs=None, zero_kwargs=None) -> None:
