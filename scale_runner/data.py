@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from typing import Any, Iterator
 
@@ -10,6 +11,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .errors import ConfigError
 from .registry import DATA_SAMPLERS, DATASETS, FUNCTIONS, call_with_cfg
+
+_PIECE = 4096  # indices converted to Python ints at a time (a shuffled order)
 
 FUNCTIONS.register_module(name='default_collate', module=torch.utils.data.default_collate)
 
@@ -46,17 +49,21 @@ class DefaultSampler(Sampler):
     def set_start(self, n: int) -> None:
         self._start = n
 
-    def _order(self) -> list[int]:
+    def _indices(self, start: int) -> Iterator[int]:
+        """This epoch's order from position ``start``, made lazily: no list of the whole dataset
+        is built when a pass begins (that stalled each epoch start by ~25 ms per 320k samples)."""
         n = len(self.dataset)
         if not self.shuffle:
-            return list(range(n))
+            return iter(range(start, n))
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        return torch.randperm(n, generator=g).tolist()
+        perm = torch.randperm(n, generator=g)[start:]
+        # C-level iteration (no generator frame per index); a piece becomes a list when reached.
+        return itertools.chain.from_iterable(map(torch.Tensor.tolist, perm.split(_PIECE)))
 
     def __iter__(self) -> Iterator[int]:
         start, self._start = self._start, 0
-        return iter(self._order()[start:])
+        return self._indices(start)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -81,10 +88,14 @@ class InfiniteSampler(DefaultSampler):
         start, self._start = self._start, 0
         self.epoch += start // len(self.dataset)
         start %= len(self.dataset)
-        while True:
-            yield from self._order()[start:]
-            start = 0
-            self.epoch += 1
+
+        def passes():
+            nonlocal start
+            while True:
+                yield self._indices(start)
+                start = 0
+                self.epoch += 1  # asked for only once the previous pass is exhausted
+        return itertools.chain.from_iterable(passes())
 
 
 class LoaderGenerator(torch.Generator):
