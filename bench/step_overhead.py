@@ -36,7 +36,9 @@ Modes:
   runs ``CHUNK`` steps of the plain loop and ``CHUNK`` steps of the hand-written Accelerate loop
   (own models, optimizers and data loaders; alternating which goes first). Each chunk of each
   loop is timed, so all three see the same moments of the machine; reported: the median and
-  quartiles of the per-chunk ratios to the plain chunk next to it, and the ratio of the sums.
+  quartiles of the per-chunk ratios to the plain chunk next to it, and the ratio of the sums;
+  and, per sixth of the run, the median ratio relative to the first sixth (flat cost with the
+  VM's drift divided out: ``--paired --steps 30000``).
   The pausing hook's own per-iteration call is charged to scale_runner.
 - ``--calls``: a deterministic complement to the noisy timings. Python function calls
   (``sys.setprofile``: ``call`` and ``c_call`` events, generator resumptions included) from the
@@ -480,6 +482,15 @@ def paired_mode(steps: int) -> None:
         q1, med, q3 = statistics.quantiles(ratios, n=4)
         print(f'{name:<18} {statistics.median(vals) / CHUNK * 1e6:23.1f} {med:23.3f} '
               f'{f"{q1:.3f}-{q3:.3f}":>15} {sum(vals) / sum(plain):8.3f}')
+    if len(plain) >= 12:
+        # Flat cost without the VM's drift: each loop's ratio to the plain chunk beside it,
+        # per sixth of the run, relative to the first sixth.
+        n = len(plain) // 6
+        print('per sixth of the run: median ratio to plain (relative to the first sixth)')
+        for name in ('scale_runner', 'accelerate loop'):
+            ratios = [v / b for v, b in zip(times[name], plain)]
+            meds = [statistics.median(ratios[i * n:(i + 1) * n]) for i in range(6)]
+            print(f'  {name:<16} ' + '  '.join(f'{m:.3f} ({m / meds[0]:.3f})' for m in meds))
 
 
 def dispatch_mode(steps: int, reps: int, calls: int = 100_000) -> None:
