@@ -53,7 +53,14 @@ class LogBuffer:
         self.current: dict[str, Any] = {}
 
     def update(self, key: str, value: Any, stage: str = 'train') -> None:
-        self._windows.setdefault(stage, {}).setdefault(key, []).append(value)
+        window = self._windows.get(stage)
+        if window is None:
+            window = self._windows[stage] = {}
+        values = window.get(key)
+        if values is None:
+            window[key] = [value]
+        else:
+            values.append(value)
         self.current[key] = value
 
     def keys(self, stage: str = 'train'):

@@ -68,14 +68,15 @@ class BaseLoop:
 
     def run_iter(self, idx: int, data_batch: Any) -> Any:
         mode = self.mode or 'val'
-        model = self.runner.model
+        runner = self._runner  # per-step path: no property calls
+        model = runner.model
         if mode == 'train':
             if not model.training:
                 model.train()
-            return train_step(model, data_batch, self.runner.optim_wrapper)
+            return train_step(model, data_batch, runner.optim_wrapper)
         if model.training:
             model.eval()
-        acc = self.runner.accelerator
+        acc = runner.accelerator
         amp = acc.autocast() if acc is not None and acc.mixed_precision != 'no' else contextlib.nullcontext()
         with torch.no_grad(), amp:
             outputs = eval_step(model, data_batch, mode)
@@ -116,7 +117,8 @@ class _TrainLoop(BaseLoop):
                 self.last_val_metrics = val_loop.run()
 
     def run_iter(self, idx: int, data_batch: Any) -> Any:
-        runner, state = self.runner, self.runner.state
+        runner = self._runner
+        state = runner.state
         runner.call_hook('before_train_iter', batch_idx=idx, data_batch=data_batch)
         outputs = BaseLoop.run_iter(self, idx, data_batch)
         state.iter += 1

@@ -145,8 +145,9 @@ class CheckpointHook(Hook):
             self._save(runner, runner.epoch)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        if not self.by_epoch and self._due(runner.iter, runner.max_iters):
-            self._save(runner, runner.iter)
+        state = runner.state
+        if not self.by_epoch and self._due(state.iter, state.max_iters):
+            self._save(runner, state.iter)
         if self.preemption is not None:
             self.preemption.after_train_iter(runner, batch_idx)
 

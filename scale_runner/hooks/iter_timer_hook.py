@@ -30,9 +30,11 @@ class IterTimerHook(Hook):
         self._start_time = 0.0
         self._start_iter = 0
         self._eval_start = 0.0
+        self._procs = 1
 
     # ---- train ------------------------------------------------------------------------------
     def before_train(self, runner) -> None:
+        self._procs = _num_processes(runner)
         self._start_time = time.perf_counter()
         self._start_iter = runner.iter
         self._last = self._start_time
@@ -48,6 +50,7 @@ class IterTimerHook(Hook):
 
     # ---- val / test ---------------------------------------------------------------------------
     def before_val_epoch(self, runner) -> None:
+        self._procs = _num_processes(runner)
         self._last = self._eval_start = time.perf_counter()
 
     before_test_epoch = before_val_epoch
@@ -74,7 +77,7 @@ class IterTimerHook(Hook):
         self._last = now
         buf = runner.log_buffer
         buf.update('time', elapsed, stage)
-        procs = runner.accelerator.num_processes if runner.accelerator is not None else 1
+        procs = self._procs
         n = batch_size(data_batch)
         if n:
             buf.update('samples_per_s', n * procs / elapsed, stage)
@@ -105,6 +108,10 @@ class IterTimerHook(Hook):
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         return int(peak // (1024 * 1024))
+
+
+def _num_processes(runner) -> int:
+    return runner.accelerator.num_processes if runner.accelerator is not None else 1
 
 
 def batch_size(data_batch: Any) -> int:

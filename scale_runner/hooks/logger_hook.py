@@ -113,8 +113,9 @@ class LoggerHook(Hook):
                    or (not self.ignore_last
                        and runner.state.inner_iter == _len(runner.train_loop.dataloader)))
         else:
-            due = (runner.iter % self.interval == 0
-                   or (not self.ignore_last and runner.iter == runner.max_iters))
+            state = runner.state
+            due = (state.iter % self.interval == 0
+                   or (not self.ignore_last and state.iter == state.max_iters))
         if not due:
             return
         timer = runner.get_hook('IterTimerHook')

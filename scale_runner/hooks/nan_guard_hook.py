@@ -69,7 +69,7 @@ class NanGuardHook(Hook):
     def check(self, loss: torch.Tensor, iteration: int | None = None) -> bool:
         """True: go on. False: skip this update. Raises in ``'raise'`` mode."""
         runner = self._runner
-        self._checked_iter = runner.iter if runner is not None else -1
+        self._checked_iter = runner.state.iter if runner is not None else -1
         self._iteration = iteration
         if self._world == 1:
             # one host read of the loss (a sync on the GPU), then a float check: no kernel
@@ -116,7 +116,7 @@ class NanGuardHook(Hook):
         return False
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        done = runner.iter - 1  # the iteration that just finished, as counted by check()
+        done = runner.state.iter - 1  # the iteration that just finished, as counted by check()
         if self._checked_iter == done:
             if self._skipped_iter == done and isinstance(outputs, dict):
                 # keep NaN out of the logged means; report the count instead
