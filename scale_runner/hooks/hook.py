@@ -118,8 +118,10 @@ def check_hook_points(hook: Hook) -> None:
             continue
         if not callable(getattr(type(hook), name, None)):
             continue
-        dist = {s: edit_distance(name, s) for s in STAGES}
-        near = sorted((s for s in STAGES if dist[s] <= 2), key=dist.__getitem__)
+        # The distance is at least the length difference: only points of similar length can be
+        # within 2 (this check runs for every hook at every start).
+        dist = {s: edit_distance(name, s) for s in STAGES if abs(len(s) - len(name)) <= 2}
+        near = sorted((s for s in dist if dist[s] <= 2), key=dist.__getitem__)
         if near:
             raise ConfigError(
                 f'{type(hook).__name__}.{name} looks like a misspelt hook point: did you mean '
