@@ -159,24 +159,30 @@ def _flat_summary(marks: list[float], per_epoch: int) -> dict:
 
 
 # ---- the variants (each runs in a child process) ----------------------------------------------
-def plain(probe: Probe, work: Work) -> float:
+def _hand_written(model, opt, loader, backward, probe: Probe, work: Work) -> float:
+    """The loop people write by hand; ``backward`` is ``torch.Tensor.backward`` (the plain loop:
+    the same call as ``loss.backward()``) or ``accelerator.backward``."""
     import torch
-    ds = _peers.dataset(work.batches)
-    model = _peers.mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    loader = _peers.loader(ds)
-    tick = probe.tick
+    mse_loss, tick = torch.nn.functional.mse_loss, probe.tick
     probe.start()
     for _ in range(work.epochs):
         for x, y in loader:
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
+            loss = mse_loss(model(x), y)
+            backward(loss)
             opt.step()
             opt.zero_grad()
             if tick:
                 tick()
     probe.stop()
     return loss.item()
+
+
+def plain(probe: Probe, work: Work) -> float:
+    import torch
+    ds = _peers.dataset(work.batches)
+    model = _peers.mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    return _hand_written(model, opt, _peers.loader(ds), torch.Tensor.backward, probe, work)
 
 
 def accelerate_loop(probe: Probe, work: Work) -> float:
@@ -187,18 +193,7 @@ def accelerate_loop(probe: Probe, work: Work) -> float:
     model = _peers.mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     model, opt, loader = acc.prepare(model, opt, _peers.loader(ds))
-    tick = probe.tick
-    probe.start()
-    for _ in range(work.epochs):
-        for x, y in loader:
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            if tick:
-                tick()
-    probe.stop()
-    return loss.item()
+    return _hand_written(model, opt, loader, acc.backward, probe, work)
 
 
 def _scale_runner(ds, work: Work, custom_hooks: list):
@@ -455,7 +450,7 @@ def paired_mode(steps: int) -> None:
         def before_train(self, runner):
             model = _peers.mlp()
             self.loops = {'plain': baseline(model, torch.optim.AdamW(model.parameters(), lr=LR),
-                                            _peers.loader(_peers.dataset(steps)), lambda l: l.backward())}
+                                            _peers.loader(_peers.dataset(steps)), torch.Tensor.backward)}
             acc = runner.accelerator  # a hand-written loop on the same Accelerator
             model = _peers.mlp()
             prepared = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR),
