@@ -52,6 +52,18 @@ def test_set_start_skips_n_samples_once():
     assert list(s) == []
 
 
+def test_shuffled_order_is_torch_randperm_made_lazily_across_pieces(monkeypatch):
+    """The order is ``randperm(n)`` of a generator seeded with ``seed + epoch`` (so resumes of
+    checkpoints written by earlier versions see the same data), handed out piece by piece."""
+    import scale_runner.data as data
+    monkeypatch.setattr(data, '_PIECE', 7)  # several pieces, the last one short
+    n, seed, epoch = 50, 3, 2
+    s = DefaultSampler(RegressionData(n), seed=seed)
+    s.set_epoch(epoch)
+    expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    assert list(s) == expected
+    s.set_start(11)
+    assert list(s) == expected[11:]
 
 
 def test_set_start_through_a_dataloader_never_reads_skipped_samples():
