@@ -99,6 +99,7 @@ def run(args) -> int:
         result = getattr(runner, args.command)()
     finally:
         runner.close()
+    _end_process_group()
     if runner.accelerator.is_main_process:
         if result:
             print(_metrics_table(result))
@@ -108,6 +109,15 @@ def run(args) -> int:
             path.write_text(json.dumps({k: _jsonable(v) for k, v in (result or {}).items()}, indent=2))
             print(f'test metrics written to {path}')
     return 0
+
+
+def _end_process_group() -> None:
+    """The CLI owns its process: tear the process group down before the interpreter does
+    (torch warns about a leaked group, and gloo's threads destroyed at interpreter teardown
+    have aborted a finished run: "terminate called without an active exception")."""
+    dist = sys.modules.get('torch.distributed')
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _metrics_table(metrics: dict) -> str:
