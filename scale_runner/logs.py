@@ -45,51 +45,93 @@ class LogBuffer:
 
     Values may be tensors (on any device): they are only read when a line is logged, all
     keys of a window in one transfer, so training never waits on the device for a number
-    nobody prints. ``current`` holds the latest value of every key (any stage).
+    nobody prints. ``current`` holds the latest value of every key updated here (any stage).
+
+    A *source* (``add_source``) keeps its own window and reports it when asked: an object with
+    ``window_means(stage) -> dict`` and ``clear_window(stage)``. The IterTimerHook is one: it
+    appends two timestamps per iteration and turns them into ``time``/``data_time`` means only
+    when a line is written, which costs less per step than a value per key.
     """
 
     def __init__(self):
         self._windows: dict[str, dict[str, list]] = {}
+        self._sources: list = []
         self.current: dict[str, Any] = {}
 
     def update(self, key: str, value: Any, stage: str = 'train') -> None:
+        try:
+            self._windows[stage][key].append(value)
+        except KeyError:
+            self._windows.setdefault(stage, {})[key] = [value]
+        self.current[key] = value
+
+    def update_dict(self, values: dict, stage: str = 'train') -> None:
+        """``update`` for every item of ``values`` (one call per iteration, not one per key)."""
         window = self._windows.get(stage)
         if window is None:
             window = self._windows[stage] = {}
-        values = window.get(key)
-        if values is None:
-            window[key] = [value]
-        else:
-            values.append(value)
-        self.current[key] = value
+        for key, value in values.items():
+            try:
+                window[key].append(value)
+            except KeyError:
+                window[key] = [value]
+        self.current.update(values)
+
+    def add_source(self, source) -> None:
+        if source not in self._sources:
+            self._sources.append(source)
+
+    def remove_source(self, source) -> None:
+        if source in self._sources:
+            self._sources.remove(source)
 
     def keys(self, stage: str = 'train'):
-        return self._windows.get(stage, {}).keys()
+        keys = dict.fromkeys(self._windows.get(stage, {}))
+        for source in self._sources:
+            keys.update(dict.fromkeys(source.window_means(stage)))
+        return keys.keys()
 
     def mean(self, key: str, stage: str = 'train') -> float:
-        values = self._windows.get(stage, {}).get(key) or [self.current[key]]
+        values = self._windows.get(stage, {}).get(key)
+        if not values:
+            for source in self._sources:
+                means = source.window_means(stage)
+                if key in means:
+                    return means[key]
+            values = [self.current[key]]
         return sum(_to_floats(values)) / len(values)
 
     def means(self, stage: str = 'train') -> dict[str, float]:
         """The mean of every key of the window (one device transfer for all tensor values)."""
         window = self._windows.get(stage, {})
         keys = [k for k, v in window.items() if v]
-        floats = iter(_to_floats([v for k in keys for v in window[k]]))
-        return {k: sum(next(floats) for _ in window[k]) / len(window[k]) for k in keys}
+        floats = _to_floats([v for k in keys for v in window[k]])
+        out, at = {}, 0
+        for k in keys:
+            n = len(window[k])
+            out[k] = sum(floats[at:at + n]) / n
+            at += n
+        for source in self._sources:
+            out.update(source.window_means(stage))
+        return out
 
     def clear_window(self, stage: str = 'train') -> None:
         self._windows.pop(stage, None)
+        for source in self._sources:
+            source.clear_window(stage)
 
 
 def _to_floats(values: list) -> list[float]:
-    """Plain floats (a tensor: the mean of its elements). The tensors among ``values`` are
-    stacked and moved to the CPU together, one transfer per device: a window of 10 iterations
-    costs a few tensor operations per logged line, not a few per value."""
+    """Plain floats (a tensor: the mean of its elements). A CPU tensor is read with ``item()``
+    (cheaper than stacking); tensors on an accelerator are stacked and moved to the CPU together,
+    one transfer per device, so a window of 10 iterations waits on the device once per line."""
     out: list = [0.0] * len(values)
     by_device: dict = {}
     for i, v in enumerate(values):
         if not hasattr(v, 'detach'):
             out[i] = float(v)
+        elif v.is_cpu:
+            out[i] = v.item() if v.numel() == 1 else v.detach().float().mean().item()
         else:
             if v.dim() != 0:
                 v = v.reshape(()) if v.numel() == 1 else v.detach().float().mean()

@@ -15,7 +15,7 @@ import torch
 
 from .data import get_sampler, set_epoch
 from .errors import ConfigError
-from .model import eval_step, train_step
+from .model import eval_step, train_step, train_step_of
 from .registry import LOOPS
 
 
@@ -97,6 +97,7 @@ class _TrainLoop(BaseLoop):
         self.val_interval = val_interval
         self.stop_training = False
         self.last_val_metrics: dict = {}
+        self._step_model = self._step = None
         pairs = sorted(dynamic_intervals or [])
         self._milestones = [int(m) for m, _ in pairs]
         self._intervals = [int(i) for _, i in pairs]
@@ -120,7 +121,12 @@ class _TrainLoop(BaseLoop):
         runner = self._runner
         state = runner.state
         runner.call_hook('before_train_iter', batch_idx=idx, data_batch=data_batch)
-        outputs = BaseLoop.run_iter(self, idx, data_batch)
+        model = runner.model
+        if not model.training:
+            model.train()
+        if model is not self._step_model:  # resolved once per model, not every step
+            self._step_model, self._step = model, train_step_of(model)
+        outputs = self._step(data_batch, runner.optim_wrapper)
         state.iter += 1
         state.inner_iter = idx + 1
         runner.call_hook('after_train_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)

@@ -1,10 +1,15 @@
 """The model contract: MMEngine's ``BaseModel`` and adapters that train any ``nn.Module``."""
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 import torch
 from torch import nn
+
+
+NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one serves every step
 
 
 def run_forward(module: nn.Module, data: Any, **kwargs) -> Any:
@@ -96,13 +101,28 @@ class BaseModel(nn.Module):
 
 def train_step(model: nn.Module, data: Any, optim_wrapper) -> dict:
     """One training step of ``model`` (as prepared), whatever kind of module it is."""
+    return train_step_of(model)(data, optim_wrapper)
+
+
+def train_step_of(model: nn.Module):
+    """``step(data, optim_wrapper) -> log_vars`` for ``model`` (as prepared): the user's module's
+    ``train_step`` if it has one, else forward + :func:`parse_losses` + ``update_params``.
+    Loops resolve it once, not every step."""
     core = unwrap(model)
     # Looked up on the class: on an nn.Module without it, hasattr would raise and catch an
-    # AttributeError in Module.__getattr__ every step.
+    # AttributeError in Module.__getattr__.
     if hasattr(type(core), 'train_step'):
-        return core.train_step(data, optim_wrapper)
-    with optim_wrapper.optim_context(model):
+        return core.train_step
+    return functools.partial(_module_train_step, model)
+
+
+def _module_train_step(model: nn.Module, data: Any, optim_wrapper) -> dict:
+    context = optim_wrapper.optim_context(model)
+    if context is NO_CONTEXT:  # skips nullcontext's two Python calls on the per-step path
         outputs = run_forward(model, data)
+    else:
+        with context:
+            outputs = run_forward(model, data)
     loss, log_vars = parse_losses(outputs)
     optim_wrapper.update_params(loss)
     return log_vars

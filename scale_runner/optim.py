@@ -1,16 +1,15 @@
 """``OptimWrapper``: backward, gradient accumulation, clipping and stepping on Accelerate."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
+from .model import NO_CONTEXT
 from .registry import OPTIM_WRAPPERS, OPTIMIZERS
 
 
-_NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one serves every step
 # Distributed types whose optimizer step/backward need nothing from Accelerate's wrappers.
 FAST_TYPES = frozenset({'NO', 'MULTI_CPU', 'MULTI_GPU', 'MULTI_NPU', 'MULTI_XPU', 'MULTI_MLU',
                         'MULTI_MUSA', 'MULTI_SDAA', 'MULTI_HPU'})
@@ -51,6 +50,7 @@ class OptimWrapper:
         self.skipped_steps: int | None = None
         self._engine_scales_loss = False
         self._raw = None  # the torch optimizer, when Accelerate's wrappers can be bypassed
+        self._fast_raw = None  # ... and when update_params can call it directly (set by bind)
         # Set by NanGuardHook: guard(loss) -> False drops this update (raises in 'raise' mode).
         self.loss_guard = None
         self._drop_window = False  # a bad loss was seen in the current accumulation window
@@ -71,6 +71,13 @@ class OptimWrapper:
             if (accelerator.scaler is None and accelerator.gradient_accumulation_steps == 1
                     and accelerator.distributed_type in FAST_TYPES):
                 self._raw = getattr(self.optimizer, 'optimizer', self.optimizer)
+            # update_params' shortest path: one micro-batch per update, no clipping, and none
+            # of backward/step/zero_grad overridden by a subclass.
+            cls = type(self)
+            fast = (self._raw is not None and self.accumulative_counts == 1
+                    and self.clip_grad is None and cls.backward is OptimWrapper.backward
+                    and cls.step is OptimWrapper.step and cls.zero_grad is OptimWrapper.zero_grad)
+            self._fast_raw = self._raw if fast else None
 
     # ---- accumulation bookkeeping ---------------------------------------------------------
     def initialize_count_status(self, model, init_counts: int, max_counts: int | None) -> None:
@@ -96,17 +103,28 @@ class OptimWrapper:
         """Forward/backward context: no gradient all-reduce on non-updating micro-batches."""
         acc = self.accelerator
         if acc is None:
-            return _NO_CONTEXT
+            return NO_CONTEXT
         state = acc.gradient_state
         if self.accumulative_counts == 1 or self.should_update():
             if not state.sync_gradients:
                 state._set_sync_gradients(True)
-            return _NO_CONTEXT
+            return NO_CONTEXT
         state._set_sync_gradients(False)
         return acc.no_sync(self.model if self.model is not None else model)
 
     # ---- the MMEngine API ----------------------------------------------------------------
     def update_params(self, loss: torch.Tensor, step_kwargs=None, zero_kwargs=None) -> None:
+        raw = self._fast_raw
+        if raw is not None and step_kwargs is None and zero_kwargs is None:
+            # The common case in as few calls as possible: this runs between torch kernels
+            # with cold caches, where every Python call costs a microsecond or more.
+            if self.loss_guard is None or self.loss_guard(loss):
+                loss.backward()
+                raw.step()
+                self.update_count += 1
+            raw.zero_grad()  # a dropped update's window is this one micro-batch
+            self._inner_count += 1
+            return
         if self._drop_window or (self.loss_guard is not None and not self.loss_guard(loss)):
             self._drop_update(zero_kwargs)
             return

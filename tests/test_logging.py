@@ -126,7 +126,7 @@ def test_tokens_per_second_from_attention_mask(tmp_path):
         priority = 'LOWEST'
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            seen.append(runner.log_buffer.current['tokens_per_s'])
+            seen.extend(runner.get_hook('IterTimerHook')._train.tokens)
 
     runner = Runner(model=TinyLM(), work_dir=str(tmp_path),
                     train_dataloader=dict(dataset=TokenData(), batch_size=4),
@@ -135,14 +135,14 @@ def test_tokens_per_second_from_attention_mask(tmp_path):
                     default_hooks=dict(logger=dict(interval=2), checkpoint=None),
                     custom_hooks=[Peek()], randomness=dict(seed=0), log_level='WARNING')
     runner.train()
-    # the token count stays a tensor in the buffer (read only when a line is logged)
-    assert all(isinstance(v, torch.Tensor) for v in seen)
+    # the token counts stay tensors in the timer's window (read only when a line is logged)
+    assert seen and all(isinstance(v, torch.Tensor) for v in seen)
     assert isinstance(runner.log_buffer.current['loss'], torch.Tensor)
     records = _records(runner)
     assert [r['step'] for r in records] == [2, 4]
     for r in records:
-        # 4 samples of 3..6 real tokens = 18 tokens per batch: tokens/s = 18 / time (per-iter mean)
-        assert r['tokens_per_s'] / r['samples_per_s'] == pytest.approx(18 / 4, rel=0.35)
+        # 4 samples of 3..6 real tokens = 18 tokens per batch, over the same window time
+        assert r['tokens_per_s'] / r['samples_per_s'] == pytest.approx(18 / 4, rel=1e-9)
         assert 'memory' not in r
 
 
@@ -235,3 +235,64 @@ def test_progress_bar_on_terminal_and_not_under_ci(tmp_path):
     assert 'Epoch(train) [1][' in tty  # log lines are still printed (above the bar)
     assert 'Epoch(train) [1][32/32]' in ci and 'Epoch(val) [1]' in ci
     assert '━' not in ci and 'train 1/1' not in ci and '\x1b[?25l' not in ci, ci[-2000:]
+
+
+class SlowData(RegressionData):
+    """RegressionData whose reads sleep ``delay`` seconds each (data time)."""
+
+    def __init__(self, n: int, delay: float):
+        super().__init__(n)
+        self.delay = delay
+
+    def __getitem__(self, i):
+        import time
+        time.sleep(self.delay)
+        return super().__getitem__(i)
+
+
+def test_timer_windows_exclude_validation_and_count_samples(tmp_path, tiny_parts):
+    """time = data + compute per iteration; a 0.5 s validation between two windows is charged
+    to neither; samples_per_s = the window's samples / the window's time."""
+    from conftest import PlainRegressor
+    from scale_runner import Hook, Runner
+
+    class SlowRegressor(PlainRegressor):
+        def forward(self, x, y=None):
+            import time
+            if self.training:
+                time.sleep(0.03)
+            return super().forward(x, y)
+
+    class SlowVal(Hook):
+        def after_val_epoch(self, runner, metrics=None):
+            import time
+            time.sleep(0.5)
+
+    runner = Runner(**tiny_parts(tmp_path, model=SlowRegressor(),
+                                 train_dataloader=dict(dataset=SlowData(8, 0.01), batch_size=2),
+                                 train_cfg=dict(by_epoch=False, max_iters=6, val_interval=2),
+                                 default_hooks=dict(logger=dict(interval=2), checkpoint=None),
+                                 custom_hooks=[SlowVal()]))
+    runner.train()
+    records = [r for r in _records(runner) if 'time' in r and 'val/mse' not in r]
+    assert [r['step'] for r in records] == [2, 4, 6]
+    for r in records:
+        # data: 2 reads x 0.01 s; the iteration adds a 0.03 s forward; validation takes 0.5 s
+        assert 0.02 <= r['data_time'] < 0.2, r
+        assert 0.05 <= r['time'] < 0.3 and r['time'] > r['data_time'], r
+        assert r['samples_per_s'] == pytest.approx(2 / r['time'], rel=1e-9)
+
+
+def test_timer_window_resume_and_clear():
+    from scale_runner.hooks.iter_timer_hook import _Window
+    w = _Window(10.0)
+    w.ready += [11.0]; w.ends += [13.0]; w.samples += [4]  # data 1, time 3
+    w.resume(20.0)                                       # left the loop (validation) until 20
+    w.ready += [20.5]; w.ends += [21.0]; w.samples += [4]  # data 0.5, time 1
+    assert w.means(procs=2) == pytest.approx({'time': 2.0, 'data_time': 0.75,
+                                              'samples_per_s': 8 * 2 / 4.0})
+    w.ready += [21.5]  # the next batch is ready, its iteration not finished
+    w.clear()
+    assert w.means(1) == {} and w.ready == [21.5] and w.start == 21.0
+    w.ends += [22.0]; w.samples += [1]
+    assert w.means(1) == pytest.approx({'time': 1.0, 'data_time': 0.5, 'samples_per_s': 1.0})

@@ -10,14 +10,20 @@ from .hook import Hook
 
 @HOOKS.register_module()
 class IterTimerHook(Hook):
-    """Records, per iteration of every loop (into ``runner.log_buffer`` under the loop's stage):
+    """Times every iteration of every loop and reports, per logging window and stage, to
+    ``runner.log_buffer`` (as a window source, see :class:`~scale_runner.logs.LogBuffer`):
 
-    - ``data_time``: seconds spent waiting for the batch;
-    - ``time``: seconds of the whole iteration (data included);
-    - ``samples_per_s``: samples per second over all processes (batch size x processes / time);
+    - ``data_time``: mean seconds spent waiting for the batch;
+    - ``time``: mean seconds of the whole iteration (data included);
+    - ``samples_per_s``: samples of the window over all processes / the window's time;
     - ``tokens_per_s``: when the batch is a dict with ``input_ids``: tokens (the
-      ``attention_mask`` sum if there is one, else ``input_ids.numel()``) x processes / time.
-      The token count stays a device tensor until the line is logged (no per-step sync).
+      ``attention_mask`` sum if there is one, else ``input_ids.numel()``) over all processes /
+      the window's time. The token counts stay device tensors until the line is logged.
+
+    Per iteration it only appends two timestamps and the batch size: the means are computed
+    when a line is written (per-step work runs with cold caches between torch kernels, so
+    every avoided operation counts). Time spent outside the loop (validation in the middle of
+    training, an epoch's setup) is not charged to the next iteration.
 
     ``eta_seconds`` and ``memory_mb`` (peak ``torch.cuda.max_memory_allocated`` since the last
     call, in MiB; ``None`` off the GPU) are read by the LoggerHook when it writes a line.
@@ -26,65 +32,88 @@ class IterTimerHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self):
-        self._last = 0.0
         self._start_time = 0.0
         self._start_iter = 0
         self._eval_start = 0.0
         self._procs = 1
+        self._windows: dict[str, _Window] = {}
+        self._train = self._val = self._test = _Window(0.0)
+        self._rows = _unknown  # the batch-size reader, made for the first batch's structure
+        self._tokens = False     # whether batches are dicts with input_ids
 
     # ---- train ------------------------------------------------------------------------------
     def before_train(self, runner) -> None:
         self._procs = _num_processes(runner)
+        runner.log_buffer.add_source(self)
         self._start_time = time.perf_counter()
         self._start_iter = runner.iter
-        self._last = self._start_time
+        self._train = self._windows['train'] = _Window(self._start_time)
 
     def before_train_epoch(self, runner) -> None:
-        self._last = time.perf_counter()
+        self._train.resume(time.perf_counter())
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
-        self._data_time(runner, 'train')
+        self._train.ready.append(time.perf_counter())
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs=None) -> None:
-        self._iter_time(runner, 'train', data_batch)
+        self._end(self._train, data_batch)
 
     # ---- val / test ---------------------------------------------------------------------------
     def before_val_epoch(self, runner) -> None:
         self._procs = _num_processes(runner)
-        self._last = self._eval_start = time.perf_counter()
+        runner.log_buffer.add_source(self)
+        self._eval_start = time.perf_counter()
+        self._val = self._windows['val'] = _Window(self._eval_start)
 
-    before_test_epoch = before_val_epoch
+    def before_test_epoch(self, runner) -> None:
+        self._procs = _num_processes(runner)
+        runner.log_buffer.add_source(self)
+        self._eval_start = time.perf_counter()
+        self._test = self._windows['test'] = _Window(self._eval_start)
+
+    def after_val(self, runner) -> None:
+        # Validation (metrics and after_val_epoch's best-checkpoint saving included) is not
+        # charged to the next train iteration.
+        self._train.resume(time.perf_counter())
+
+    def after_test(self, runner) -> None:
+        self._train.resume(time.perf_counter())
 
     def before_val_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
-        self._data_time(runner, 'val')
+        self._val.ready.append(time.perf_counter())
 
     def after_val_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs=None) -> None:
-        self._iter_time(runner, 'val', data_batch)
+        self._end(self._val, data_batch)
 
     def before_test_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
-        self._data_time(runner, 'test')
+        self._test.ready.append(time.perf_counter())
 
     def after_test_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs=None) -> None:
-        self._iter_time(runner, 'test', data_batch)
+        self._end(self._test, data_batch)
 
-    # ---- measurements ---------------------------------------------------------------------------
-    def _data_time(self, runner, stage: str) -> None:
-        runner.log_buffer.update('data_time', time.perf_counter() - self._last, stage)
+    def _end(self, window: _Window, data_batch: Any) -> None:
+        window.ends.append(time.perf_counter())
+        try:
+            window.samples.append(self._rows(data_batch))
+        except Exception:  # a batch of another structure than the reader was made for
+            self._rows, self._tokens = size_reader(data_batch)
+            window.samples.append(self._rows(data_batch))
+        if self._tokens:
+            tokens = token_count(data_batch)
+            if tokens is not None:
+                window.tokens.append(tokens)
 
-    def _iter_time(self, runner, stage: str, data_batch: Any) -> None:
-        now = time.perf_counter()
-        elapsed = max(now - self._last, 1e-9)
-        self._last = now
-        buf = runner.log_buffer
-        buf.update('time', elapsed, stage)
-        procs = self._procs
-        n = batch_size(data_batch)
-        if n:
-            buf.update('samples_per_s', n * procs / elapsed, stage)
-        tokens = token_count(data_batch)
-        if tokens is not None:
-            buf.update('tokens_per_s', tokens * (procs / elapsed), stage)
+    # ---- the LogBuffer source protocol ----------------------------------------------------------
+    def window_means(self, stage: str) -> dict:
+        window = self._windows.get(stage)
+        return window.means(self._procs) if window is not None else {}
 
+    def clear_window(self, stage: str) -> None:
+        window = self._windows.get(stage)
+        if window is not None:
+            window.clear()
+
+    # ---- read when a line is logged -------------------------------------------------------------
     def eta_seconds(self, runner) -> float:
         """Seconds left in training, from the mean iteration time of this run so far."""
         done = runner.iter - self._start_iter
@@ -110,6 +139,52 @@ class IterTimerHook(Hook):
         return int(peak // (1024 * 1024))
 
 
+class _Window:
+    """One stage's iterations since its last logged line: when each batch was ready, when each
+    iteration ended, the batch sizes and token counts. Iteration ``i`` starts where ``i - 1``
+    ended, unless the loop was left in between (``resume``)."""
+
+    __slots__ = ('start', 'ready', 'ends', 'samples', 'tokens', 'resumed')
+
+    def __init__(self, start: float):
+        self.start = start
+        self.ready: list[float] = []
+        self.ends: list[float] = []
+        self.samples: list[int] = []
+        self.tokens: list = []
+        self.resumed: dict[int, float] = {}
+
+    def resume(self, stamp: float) -> None:
+        """The next iteration starts at ``stamp`` (not where the previous one ended)."""
+        self.resumed[len(self.ends)] = stamp
+
+    def clear(self) -> None:
+        n = len(self.ends)
+        self.start = self.resumed.get(n, self.ends[-1] if n else self.start)
+        self.ready = self.ready[n:]  # a batch that is ready but not yet finished stays
+        self.ends, self.samples, self.tokens, self.resumed = [], [], [], {}
+
+    def means(self, procs: int) -> dict:
+        n = len(self.ends)
+        if not n:
+            return {}
+        data = busy = 0.0
+        prev = self.start
+        for i, (ready, end) in enumerate(zip(self.ready, self.ends)):
+            begin = self.resumed.get(i, prev)
+            data += ready - begin
+            busy += end - begin
+            prev = end
+        busy = max(busy, 1e-9)
+        out = {'time': busy / n, 'data_time': data / n}
+        if self.samples:
+            out['samples_per_s'] = sum(self.samples) * procs / busy
+        if self.tokens:
+            from ..logs import _to_floats
+            out['tokens_per_s'] = sum(_to_floats(self.tokens)) * procs / busy
+        return out
+
+
 def _num_processes(runner) -> int:
     return runner.accelerator.num_processes if runner.accelerator is not None else 1
 
@@ -131,6 +206,36 @@ def batch_size(data_batch: Any) -> int:
         return len(first) if first is not None and not isinstance(first, (str, bytes)) else 0
     except TypeError:
         return 0
+
+
+def size_reader(data_batch: Any):
+    """``(rows, tokens)``: a function giving the batch size of batches shaped like
+    ``data_batch`` (cheaper per step than the general :func:`batch_size`), and whether they
+    carry tokens to count. The reader raises on a batch of another structure."""
+    tokens = isinstance(data_batch, dict) and 'input_ids' in data_batch
+    if isinstance(data_batch, (list, tuple)) and data_batch and getattr(data_batch[0], 'shape', None):
+        return _rows_of_first_item, tokens
+    if isinstance(data_batch, dict) and getattr(next(iter(data_batch.values()), None), 'shape', None):
+        return _rows_of_first_value, tokens
+    if getattr(data_batch, 'shape', None):
+        return _rows, tokens
+    return batch_size, tokens
+
+
+def _unknown(batch) -> int:
+    raise LookupError('no batch seen yet')
+
+
+def _rows_of_first_item(batch) -> int:
+    return batch[0].shape[0]
+
+
+def _rows_of_first_value(batch) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
+def _rows(batch) -> int:
+    return batch.shape[0]
 
 
 def token_count(data_batch: Any):

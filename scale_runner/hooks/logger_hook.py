@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
+import time
 from typing import Any
 
 from ..registry import HOOKS
 from .hook import Hook
 
+FLUSH_SECONDS = 1.0  # scalars.jsonl lines a killed process can lose at most
 FIRST_KEYS = ('lr', 'eta', 'time', 'data_time', 'samples_per_s', 'tokens_per_s', 'memory')
 
 
@@ -43,6 +46,7 @@ class LoggerHook(Hook):
         self.log_metric_by_epoch = log_metric_by_epoch
         self.progress_bar = progress_bar
         self._file = None
+        self._flushed = 0.0
         self._trackers = None
         self._bar = None
         self._tracker_state: dict = {}
@@ -54,7 +58,10 @@ class LoggerHook(Hook):
             self.by_epoch = runner.state.max_epochs is not None
         main = runner.accelerator.is_main_process
         if main and self._file is None:
-            self._file = open(runner.log_dir / 'scalars.jsonl', 'a', buffering=1)
+            # Block-buffered: a flush (a write syscall) per line costs more than the line.
+            # Flushed at least every FLUSH_SECONDS, at epoch ends, checkpoints and the end.
+            self._file = open(runner.log_dir / 'scalars.jsonl', 'a')
+            self._flushed = time.monotonic()
         if self._trackers is None:  # checked on every rank: a missing package fails everywhere
             self._trackers = Trackers(getattr(runner, 'trackers', None))
             self._trackers.load_state_dict(self._tracker_state)
@@ -72,6 +79,7 @@ class LoggerHook(Hook):
             self._file = None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._flush()
         if self._trackers is not None:
             checkpoint['hooks']['LoggerHook'] = self._trackers.state_dict()
 
@@ -93,17 +101,19 @@ class LoggerHook(Hook):
                                  _len(runner.train_loop.dataloader), runner.state.inner_iter)
 
     def after_train_epoch(self, runner) -> None:
+        self._flush()
         if self._bar is not None and self.by_epoch:
             self._bar.end_task(f'train {runner.epoch}/{runner.max_epochs}')
 
     def after_train(self, runner) -> None:
+        self._flush()
         if self._bar is not None and not self.by_epoch:
             self._bar.end_task('train')
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         buf = runner.log_buffer
-        for k, v in (outputs or {}).items():
-            buf.update(k, v, 'train')
+        if outputs:
+            buf.update_dict(outputs, 'train')
         if self._bar is not None:
             self._bar.advance(f'train {runner.epoch + 1}/{runner.max_epochs}' if self.by_epoch
                               else 'train')
@@ -116,8 +126,12 @@ class LoggerHook(Hook):
             state = runner.state
             due = (state.iter % self.interval == 0
                    or (not self.ignore_last and state.iter == state.max_iters))
-        if not due:
-            return
+        if due:
+            self._train_line(runner)
+
+    def _train_line(self, runner) -> None:
+        """Write the window's line, scalars and tracker values, and start a new window."""
+        buf = runner.log_buffer
         timer = runner.get_hook('IterTimerHook')
         values: dict[str, Any] = {'lr': runner.optim_wrapper.get_lr()['lr'][0]}
         means = buf.means('train')
@@ -135,14 +149,15 @@ class LoggerHook(Hook):
         if skipped is not None:
             values['skipped_steps'] = skipped  # fp16 grad scaler: steps skipped so far
         values.update(means)
-        if self.by_epoch:
-            n_batches = _len(runner.train_loop.dataloader)
-            head = (f'Epoch(train) [{runner.epoch + 1}]'
-                    f'[{runner.state.inner_iter:>{len(str(n_batches))}}/{n_batches}]')
-        else:
-            head = f'Iter(train) [{runner.iter:>{len(str(runner.max_iters))}}/{runner.max_iters}]'
-        eta = timer.eta_seconds(runner) if timer is not None else None
-        runner.logger.info(f'{head}  {format_values(values, eta)}')
+        if runner.logger.isEnabledFor(logging.INFO):  # the line is not even formatted otherwise
+            if self.by_epoch:
+                n_batches = _len(runner.train_loop.dataloader)
+                head = (f'Epoch(train) [{runner.epoch + 1}]'
+                        f'[{runner.state.inner_iter:>{len(str(n_batches))}}/{n_batches}]')
+            else:
+                head = f'Iter(train) [{runner.iter:>{len(str(runner.max_iters))}}/{runner.max_iters}]'
+            eta = timer.eta_seconds(runner) if timer is not None else None
+            runner.logger.info(f'{head}  {format_values(values, eta)}')
         self._emit(runner, values)
 
     # ---- val / test ---------------------------------------------------------------------------
@@ -201,6 +216,7 @@ class LoggerHook(Hook):
         # The loop's own loss is named `val_loss`/`test_loss`; the tracker key is `val/loss`.
         self._emit(runner, {f'{stage}/{k[len(stage) + 1:] if k == f"{stage}_loss" else k}': v
                             for k, v in metrics.items()})
+        self._flush()  # validation is rare and its numbers are the ones people wait for
 
     # ---- outputs ------------------------------------------------------------------------------
     def _emit(self, runner, values: dict) -> None:
@@ -220,7 +236,15 @@ class LoggerHook(Hook):
         step = runner.iter
         self._file.write(json.dumps({'step': step, 'epoch': runner.epoch, 'iter': runner.iter,
                                      **scalars}) + '\n')
+        if time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self._flush()
         self._trackers.log(runner, scalars, step)
+
+
+    def _flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._flushed = time.monotonic()
 
 
 def _eval_loader(runner, stage: str):

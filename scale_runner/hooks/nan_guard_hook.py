@@ -49,9 +49,8 @@ class NanGuardHook(Hook):
         self.consecutive = 0    # bad losses in a row
         self._runner = None
         self._world, self._rank = 1, 0
-        self._checked_iter = -1
-        self._skipped_iter = -1
-        self._iteration = None
+        self._checked = False   # check() ran in the current iteration
+        self._skipped = False   # ... and skipped its update
 
     # ---- installation ---------------------------------------------------------------------
     def before_train(self, runner) -> None:
@@ -59,6 +58,7 @@ class NanGuardHook(Hook):
         acc = runner.accelerator
         self._world, self._rank = acc.num_processes, acc.process_index
         runner.optim_wrapper.loss_guard = self.check
+        self._checked = self._skipped = False
 
     def after_train(self, runner) -> None:
         if getattr(runner.optim_wrapper, 'loss_guard', None) == self.check:
@@ -68,14 +68,16 @@ class NanGuardHook(Hook):
     # ---- the check (called by OptimWrapper.update_params before backward) --------------------
     def check(self, loss: torch.Tensor, iteration: int | None = None) -> bool:
         """True: go on. False: skip this update. Raises in ``'raise'`` mode."""
-        runner = self._runner
-        self._checked_iter = runner.state.iter if runner is not None else -1
-        self._iteration = iteration
+        self._checked = True
         if self._world == 1:
             # one host read of the loss (a sync on the GPU), then a float check: no kernel
-            value = loss.item() if loss.numel() == 1 else loss.detach().sum().item()
+            try:
+                value = loss.item()
+            except RuntimeError:  # more than one element: NaN / Inf anywhere survive the sum
+                value = loss.detach().sum().item()
             if math.isfinite(value):
-                self.consecutive = 0
+                if self.consecutive:
+                    self.consecutive = 0
                 return True
             losses = [value]
         else:
@@ -86,14 +88,15 @@ class NanGuardHook(Hook):
             vec[self._rank] = value.reshape(())
             torch.distributed.all_reduce(vec)  # rank r's loss lands in slot r, on every rank
             if bool(torch.isfinite(vec).all()):
-                self.consecutive = 0
+                if self.consecutive:
+                    self.consecutive = 0
                 return True
             losses = vec.tolist()
-        return self._bad(losses)
+        return self._bad(losses, iteration)
 
-    def _bad(self, losses: list) -> bool:
+    def _bad(self, losses: list, iteration: int | None) -> bool:
         runner = self._runner
-        it = self._iteration if self._iteration is not None else (runner.iter + 1 if runner else 0)
+        it = iteration if iteration is not None else (runner.iter + 1 if runner else 0)
         bad = ', '.join(f'rank {r}: {"NaN" if math.isnan(v) else "Inf" if v > 0 else "-Inf"}'
                         for r, v in enumerate(losses) if not math.isfinite(v))
         where = f'iteration {it}' + (f' (epoch {runner.epoch + 1})'
@@ -109,21 +112,23 @@ class NanGuardHook(Hook):
                 runner.logger.error(msg)
             raise NonFiniteLossError(msg)
         self.skipped += 1
-        self._skipped_iter = self._checked_iter
+        self._skipped = True
         if runner is not None:
             runner.logger.warning(f'{msg}: update skipped ({self.skipped} skipped so far, '
                                   f'{self.consecutive} in a row)')
         return False
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        done = runner.state.iter - 1  # the iteration that just finished, as counted by check()
-        if self._checked_iter == done:
-            if self._skipped_iter == done and isinstance(outputs, dict):
-                # keep NaN out of the logged means; report the count instead
-                for k in [k for k, v in outputs.items()
-                          if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all())]:
-                    del outputs[k]
-                outputs['skipped_updates'] = self.skipped
+        if self._checked:  # update_params checked this iteration's loss
+            self._checked = False
+            if self._skipped:
+                self._skipped = False
+                if isinstance(outputs, dict):
+                    # keep NaN out of the logged means; report the count instead
+                    for k in [k for k, v in outputs.items()
+                              if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all())]:
+                        del outputs[k]
+                    outputs['skipped_updates'] = self.skipped
             return
         # a train_step that did not call update_params: check its logged loss (after the fact)
         loss = outputs.get('loss') if isinstance(outputs, dict) else None
@@ -134,6 +139,7 @@ class NanGuardHook(Hook):
                 self.check(loss, iteration=runner.iter)
             finally:
                 self.mode = mode
+                self._checked = False
 
     # ---- state ------------------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
