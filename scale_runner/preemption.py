@@ -3,7 +3,8 @@
 SIGTERM, SIGINT and SIGUSR1 only record the signal (the handler does nothing else, so a
 signal can never interrupt a checkpoint being written; a second one during the save is
 ignored). After every train iteration the ranks agree on it (one all-reduce of one integer,
-only when there are several processes; on one process the check is an attribute read), then
+only when there are several processes, over a CPU (gloo) group so that a GPU run never waits
+for its device here; on one process the check is an attribute read), then
 all of them write ``preempt_iter_<N>`` together (the ``latest`` pointer moves to it), and
 exit with code ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1).
 Under SLURM (``SLURM_JOB_ID`` set) the main process first runs
@@ -45,6 +46,7 @@ class PreemptionHook(Hook):
         self.signum = 0
         self._previous: dict = {}
         self._world = 1
+        self._group = None  # the CPU process group of the agreement (None: the default group)
 
     def _handler(self, signum, frame) -> None:
         if not self.signum:  # the first signal decides; later ones change nothing
@@ -52,6 +54,8 @@ class PreemptionHook(Hook):
 
     def before_train(self, runner) -> None:
         self._world = runner.accelerator.num_processes
+        if self._world > 1 and self._group is None:
+            self._group = _cpu_group()
         if threading.current_thread() is not threading.main_thread():
             runner.logger.warning('PreemptionHook: not in the main thread, signals are not handled')
             return
@@ -72,7 +76,7 @@ class PreemptionHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         signum = self.signum
         if self._world > 1:
-            signum = _agree(runner.accelerator, signum)
+            signum = _agree(signum, self._group)
         if signum:
             self.preempt(runner, signum)
 
@@ -101,13 +105,22 @@ class PreemptionHook(Hook):
         raise Preempted(code)
 
 
-def _agree(accelerator, signum: int) -> int:
-    """The largest signal number any rank received (0: none) — one tiny all-reduce."""
+def _cpu_group():
+    """A gloo group of all ranks (created collectively), or the default group when that is
+    gloo already. Its all-reduce of a CPU integer involves no accelerator: no device sync."""
+    import torch.distributed as dist
+    if dist.get_backend() == 'gloo':
+        return dist.group.WORLD
+    return dist.new_group(backend='gloo')
+
+
+def _agree(signum: int, group) -> int:
+    """The largest signal number any rank received (0: none) — one tiny all-reduce on the CPU."""
     import torch
     import torch.distributed as dist
-    t = torch.tensor([signum], dtype=torch.int32, device=accelerator.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    t = torch.tensor([signum], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t[0])
 
 
 def _requeue(logger, job_id: str) -> None:
