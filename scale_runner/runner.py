@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (CheckpointWriter, candidates, check_weights, collect_state, find_resumable,
-                         partial_gradients, read_checkpoint, read_model_weights, resolve_resume,
-                         restore_state)
+from .checkpoint import (CheckpointError, CheckpointWriter, candidates, check_weights,
+                         collect_state, find_resumable, partial_gradients, read_checkpoint,
+                         read_model_weights, resolve_resume, restore_state)
 from .config import Config
 from .errors import ConfigError, edit_distance
 from .hooks.hook import STAGES, Hook, bind_point, check_hook_points, get_priority
@@ -71,6 +71,7 @@ class Runner:
         self.param_schedulers: list = []
         self.best_scores: dict = {}  # published by CheckpointHook(save_best=...)
         self.train_loop = self.val_loop = self.test_loop = None
+        self.loaded_checkpoint_state: dict | None = None  # the state part of load_from's checkpoint
         self._hooks: list = []
         self._hook_cache: dict[str, list] = {}
         self._prepared_model = False
@@ -271,9 +272,20 @@ class Runner:
         return path
 
     def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
-        """Load model weights only (``load_from``)."""
+        """Load model weights (``load_from``): from a checkpoint directory (verified) or a
+        ``.safetensors`` file. A checkpoint's saved state (its hooks' states: an EMA average,
+        ...) is kept in ``loaded_checkpoint_state`` for hooks that use it; nothing else of it
+        is restored (that is ``resume``)."""
         from .model import unwrap
-        check_weights(unwrap(self.model), read_model_weights(Path(path)), str(path), strict)
+        path = Path(path)
+        if path.is_dir() and (path / 'state.json').is_file():
+            ckpt = read_checkpoint(path, self.accelerator.process_index if self.accelerator else 0)
+            weights, self.loaded_checkpoint_state = ckpt['model'], ckpt['state']
+            if weights is None:
+                raise CheckpointError(f'{path} holds no model weights')
+        else:
+            weights = read_model_weights(path)
+        check_weights(unwrap(self.model), weights, str(path), strict)
         self.logger.info(f'loaded weights from {path}')
 
     def _load_weights(self) -> None:

@@ -100,6 +100,49 @@ def test_ema_resume_is_exact(tmp_path, tiny_parts):
         assert not torch.equal(e_full[k], w_full[k])
 
 
+class EvalRecorder(UpdateRecorder):
+    def before_test_iter(self, runner, batch_idx, data_batch=None):
+        if batch_idx == 0:
+            self.in_val.append(_weights(runner))
+
+
+def _with_test(tiny_parts, work, **over):
+    from conftest import RegressionData
+    return tiny_parts(work, test_dataloader=dict(dataset=RegressionData(8, seed=3), batch_size=4),
+                      test_evaluator=dict(type='NegMSE'), test_cfg=dict(), **over)
+
+
+def test_ema_test_after_train_and_from_load_from_use_the_average(tmp_path, tiny_parts):
+    """test() after train() on the same runner, and val()/test() of a fresh runner with
+    load_from the checkpoint, evaluate the saved average, not the training weights."""
+    from scale_runner.checkpoint import read_checkpoint
+    rec, ema = EvalRecorder(), EMAHook(momentum=0.25)
+    runner = Runner(**_with_test(tiny_parts, tmp_path, custom_hooks=[ema, rec],
+                                 train_cfg=dict(by_epoch=True, max_epochs=1),
+                                 default_hooks=dict(logger=None, checkpoint=dict(interval=1))))
+    runner.train()
+    average = {k: v.clone() for k, v in ema.ema_state_dict.items()}
+    trained = _weights(runner)
+    assert not torch.equal(average['linear.weight'], trained['linear.weight'])
+    runner.test()
+    assert all(torch.equal(rec.in_val[-1][k], average[k]) for k in average)  # tested the average
+    assert all(torch.equal(v, trained[k]) for k, v in _weights(runner).items())  # swapped back
+    runner.close()
+
+    ckpt = tmp_path / 'checkpoints' / 'epoch_1'
+    saved = read_checkpoint(ckpt)['state']['hooks']['EMAHook']['ema']
+    assert all(torch.equal(saved[k], average[k]) for k in average)
+    for entry in ('val', 'test'):
+        rec2 = EvalRecorder()
+        fresh = Runner(**_with_test(tiny_parts, tmp_path / entry, load_from=str(ckpt),
+                                    custom_hooks=[EMAHook(momentum=0.25), rec2],
+                                    default_hooks=dict(logger=None)))
+        getattr(fresh, entry)()
+        assert all(torch.equal(rec2.in_val[0][k], average[k]) for k in average), entry
+        assert all(torch.equal(v, trained[k]) for k, v in _weights(fresh).items())
+        fresh.close()
+
+
 def test_ema_strict_load_refuses_a_checkpoint_without_ema(tmp_path, tiny_parts):
     from scale_runner.checkpoint import CheckpointError
     runner = Runner(**tiny_parts(tmp_path, default_hooks=dict(logger=None),

@@ -25,9 +25,12 @@ class EMAHook(Hook):
       error; otherwise the average restarts from the resumed weights (with a warning).
 
     The averaged weights are swapped into the model for every validation and test epoch and
-    swapped back after (exact copies, so training continues bit for bit). Checkpoints hold the
-    *training* weights in ``model.safetensors`` (so resume is exact) and the average under
-    ``hooks.EMAHook.ema.*`` in ``state.safetensors``. Works on DDP-wrapped models (the average
+    swapped back after (exact copies, so training continues bit for bit); ``test()`` after
+    ``train()`` on the same runner evaluates the average too. Checkpoints hold the *training*
+    weights in ``model.safetensors`` (so resume is exact) and the average under
+    ``hooks.EMAHook.ema.*`` in ``state.safetensors``; ``val()``/``test()`` with ``load_from``
+    such a checkpoint evaluate its average (a ``train()`` from ``load_from`` starts a new average
+    from the loaded weights). Works on DDP-wrapped models (the average
     is kept per process; every rank has the same weights, so the same average).
     """
 
@@ -59,6 +62,7 @@ class EMAHook(Hook):
         self._ema: list[torch.Tensor] = []
         self._seen_updates = 0
         self._swapped = False
+        self._model = None  # the module whose weights are averaged
 
     # ---- setup ------------------------------------------------------------------------------
     def before_run(self, runner) -> None:
@@ -67,9 +71,19 @@ class EMAHook(Hook):
         if self.update_buffers:
             named += list(model.named_buffers())
         named = [(n, t) for n, t in named if t.is_floating_point()]
+        if model is self._model and [n for n, _ in named] == self._names:
+            return  # test() after train(): the same model, whose average is kept
+        self._model = model
         self._names = [n for n, _ in named]
         self._src = [t.detach() for _, t in named]
         self._ema = [t.clone() for t in self._src]
+        self.steps = 0
+        loaded = (runner.loaded_checkpoint_state or {}).get('hooks', {}).get('EMAHook')
+        if loaded is not None and runner.train_loop is None:
+            # val()/test() of a load_from checkpoint: evaluate its average, as it was saved.
+            self._load_average(loaded)
+            runner.logger.info('EMAHook: validation and test use the average saved in the '
+                               'load_from checkpoint')
 
     def before_train(self, runner) -> None:
         self._seen_updates = runner.optim_wrapper.update_count
@@ -144,6 +158,10 @@ class EMAHook(Hook):
                 torch._foreach_copy_(self._ema, self._src)
             self.steps = 0
             return
+        self._load_average(state)
+
+    def _load_average(self, state: dict) -> None:
+        """Take the average (and its step count) from a checkpoint's ``hooks.EMAHook``."""
         saved = state.get('ema', {})
         missing = [n for n in self._names if n not in saved]
         unexpected = [n for n in saved if n not in self._names]
