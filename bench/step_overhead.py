@@ -11,6 +11,7 @@ weights everywhere. Every run is a fresh child process (``OMP_NUM_THREADS=1``,
     python bench/step_overhead.py --paired --steps 6000         # paired chunks, one process
     python bench/step_overhead.py --calls --steps 300           # Python calls per step
     python bench/step_overhead.py --dispatch --steps 3000       # cost of 20 idle hooks
+    python bench/step_overhead.py --pieces --steps 3000         # each part of a step, in place
     python bench/step_overhead.py --flat 30000                  # per-step time per sixth
 
 Variants (``--variants``, comma-separated; ``plain`` always runs, as the baseline):
@@ -536,6 +537,82 @@ def dispatch_mode(steps: int, reps: int, calls: int = 100_000) -> None:
         print(f'{label:<40} {a:10.1f} {b:11.1f} {per_step_us:+9.3f} µs {per_step_us / plain_us:+15.2%}')
 
 
+def pieces_mode(steps: int) -> None:
+    """Where scale_runner's per-step time goes, timed in place: every part of ``steps`` real
+    iterations (after a warm-up) is stamped with ``perf_counter`` as the loop runs, so each part
+    is measured with the caches as a real step leaves them (a hot micro-benchmark of the same
+    code reads 3-5x lower). Beside it, ``steps`` iterations of the plain loop in the same process."""
+    import torch
+    from scale_runner import Hook
+    from scale_runner.hooks.hook import bind_point
+    from scale_runner.model import train_step_of
+    _peers.quiet()
+    F, pc = torch.nn.functional, time.perf_counter
+    parts: dict = collections.defaultdict(list)
+
+    class Pieces(Hook):
+        priority = 'LOWEST'
+
+        def before_train(self, runner):
+            model = _peers.mlp()
+            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+            plain_batches = iter(_peers.loader(_peers.dataset(steps)))
+            loop, state, call = runner.train_loop, runner.state, runner.call_hook
+            step, ow = train_step_of(runner.model), runner.optim_wrapper
+            after = [bind_point(h, 'after_train_iter', runner) for h in runner.hooks
+                     if h.overrides('after_train_iter')]  # what call_hook calls, in its order
+            batches = iter(loop.dataloader)
+            for i in range(2 * steps):
+                if i >= steps:  # the plain loop, same process, after scale_runner's
+                    t0 = pc()
+                    x, y = next(plain_batches)
+                    t1 = pc()
+                    loss = F.mse_loss(model(x), y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                    t2 = pc()
+                    parts['plain loop: data'].append(t1 - t0)
+                    parts['plain loop: forward, backward, step'].append(t2 - t1)
+                    parts['plain loop step'].append(t2 - t0)
+                    continue
+                t0 = pc()
+                batch = next(batches)
+                t1 = pc()
+                call('before_train_iter', batch_idx=i, data_batch=batch)
+                t2 = pc()
+                out = step(batch, ow)
+                t3 = pc()
+                state.iter += 1
+                state.inner_iter = i + 1
+                stamps = [pc()]
+                for fn in after:
+                    fn(batch_idx=i, data_batch=batch, outputs=out)
+                    stamps.append(pc())
+                parts['data'].append(t1 - t0)
+                parts['before_train_iter hooks'].append(t2 - t1)
+                parts['train_step (forward, backward, step)'].append(t3 - t2)
+                for fn, a, b in zip(after, stamps, stamps[1:]):
+                    hook = type(getattr(fn, 'func', fn).__self__).__name__
+                    parts[f'after_train_iter: {hook}'].append(b - a)
+                parts['scale_runner step'].append(stamps[-1] - t0)
+            raise _Done
+
+    class _Done(Exception):
+        pass
+
+    try:
+        _scale_runner(_peers.dataset(2 * steps), Work(2 * steps), [Pieces()]).train()
+    except _Done:
+        pass
+    warm = steps // 10
+    print(f'{steps} iterations timed in place (the first {warm} dropped), one process')
+    print(f'{"part":<48} {"median µs":>10} {"mean µs":>9}')
+    for name, vals in parts.items():
+        vals = vals[warm:]
+        print(f'{name:<48} {statistics.median(vals) * 1e6:10.2f} {statistics.mean(vals) * 1e6:9.2f}')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--steps', type=int, default=3000)
@@ -544,6 +621,8 @@ def main():
                                       '(plain is always run: it is the baseline)')
     p.add_argument('--calls', action='store_true', help='instead: Python calls per step')
     p.add_argument('--dispatch', action='store_true', help='instead: cost of 20 idle hooks')
+    p.add_argument('--pieces', action='store_true',
+                   help="instead: each part of scale_runner's step, timed in place")
     p.add_argument('--paired', action='store_true',
                    help='instead: scale_runner, plain and Accelerate loops in paired chunks in one process')
     p.add_argument('--flat', type=int, metavar='STEPS',
@@ -559,6 +638,8 @@ def main():
         child_main(args)
     elif args.dispatch:
         dispatch_mode(args.steps, args.reps)
+    elif args.pieces:
+        pieces_mode(args.steps)
     elif args.paired:
         paired_mode(args.steps)
     elif args.flat:

@@ -99,13 +99,13 @@ class LogBuffer:
                 if key in means:
                     return means[key]
             values = [self.current[key]]
-        return sum(_to_floats(values)) / len(values)
+        return sum(to_floats(values)) / len(values)
 
     def means(self, stage: str = 'train') -> dict[str, float]:
         """The mean of every key of the window (one device transfer for all tensor values)."""
         window = self._windows.get(stage, {})
         keys = [k for k, v in window.items() if v]
-        floats = _to_floats([v for k in keys for v in window[k]])
+        floats = to_floats([v for k in keys for v in window[k]])
         out, at = {}, 0
         for k in keys:
             n = len(window[k])
@@ -121,7 +121,7 @@ class LogBuffer:
             source.clear_window(stage)
 
 
-def _to_floats(values: list) -> list[float]:
+def to_floats(values: list) -> list[float]:
     """Plain floats (a tensor: the mean of its elements). A CPU tensor is read with ``item()``
     (cheaper than stacking); tensors on an accelerator are stacked and moved to the CPU together,
     one transfer per device, so a window of 10 iterations waits on the device once per line."""

@@ -60,16 +60,17 @@ class IterTimerHook(Hook):
 
     # ---- val / test ---------------------------------------------------------------------------
     def before_val_epoch(self, runner) -> None:
-        self._procs = _num_processes(runner)
-        runner.log_buffer.add_source(self)
-        self._eval_start = time.perf_counter()
-        self._val = self._windows['val'] = _Window(self._eval_start)
+        self._val = self._start_eval(runner, 'val')
 
     def before_test_epoch(self, runner) -> None:
+        self._test = self._start_eval(runner, 'test')
+
+    def _start_eval(self, runner, stage: str) -> _Window:
         self._procs = _num_processes(runner)
         runner.log_buffer.add_source(self)
         self._eval_start = time.perf_counter()
-        self._test = self._windows['test'] = _Window(self._eval_start)
+        self._windows[stage] = _Window(self._eval_start)
+        return self._windows[stage]
 
     def after_val(self, runner) -> None:
         # Validation (metrics and after_val_epoch's best-checkpoint saving included) is not
@@ -180,8 +181,8 @@ class _Window:
         if self.samples:
             out['samples_per_s'] = sum(self.samples) * procs / busy
         if self.tokens:
-            from ..logs import _to_floats
-            out['tokens_per_s'] = sum(_to_floats(self.tokens)) * procs / busy
+            from ..logs import to_floats
+            out['tokens_per_s'] = sum(to_floats(self.tokens)) * procs / busy
         return out
 
 
