@@ -81,10 +81,6 @@ class LogBuffer:
         if source not in self._sources:
             self._sources.append(source)
 
-    def remove_source(self, source) -> None:
-        if source in self._sources:
-            self._sources.remove(source)
-
     def keys(self, stage: str = 'train'):
         keys = dict.fromkeys(self._windows.get(stage, {}))
         for source in self._sources:

@@ -46,7 +46,7 @@ class PreemptionHook(Hook):
         self.signum = 0
         self._previous: dict = {}
         self._world = 1
-        self._group = None  # the CPU process group of the agreement (None: the default group)
+        self._group = None  # the CPU (gloo) group of the agreement, made by the first run
 
     def _handler(self, signum, frame) -> None:
         if not self.signum:  # the first signal decides; later ones change nothing
