@@ -289,6 +289,36 @@ def test_gradient_accumulation_matches_reference(tmp_path):
     runner.close()
 
 
+def test_update_params_direct_path_equals_the_general_one(tmp_path, tiny_parts):
+    """One micro-batch per update, no clipping: update_params calls torch directly. A subclass
+    that overrides step() takes the general path; both train to the same weights, bit for bit,
+    with the NaN guard's skipped updates counted alike."""
+    from scale_runner import OptimWrapper
+
+    class Counted(OptimWrapper):
+        steps = 0
+
+        def step(self, **kwargs):
+            Counted.steps += 1
+            super().step(**kwargs)
+
+    results = {}
+    for kind, cls in (('direct', OptimWrapper), ('general', Counted)):
+        torch.manual_seed(0)
+        model = PlainRegressor()
+        runner = Runner(**tiny_parts(tmp_path / kind, model=model,
+                                     optim_wrapper=cls(torch.optim.AdamW(model.parameters(), lr=0.01)),
+                                     default_hooks=dict(logger=None, checkpoint=None)))
+        runner.train()
+        assert (runner.optim_wrapper._fast_raw is not None) == (kind == 'direct')
+        results[kind] = ({k: v.clone() for k, v in model.state_dict().items()},
+                         runner.optim_wrapper.update_count)
+        runner.close()
+    assert Counted.steps == results['general'][1] == results['direct'][1] == 16
+    for k, v in results['direct'][0].items():
+        assert torch.equal(v, results['general'][0][k]), k
+
+
 def test_grad_clipping_logs_grad_norm(tmp_path, tiny_parts):
     torch.manual_seed(0)
     model = PlainRegressor()
