@@ -36,6 +36,7 @@ class IterTimerHook(Hook):
         self._start_iter = 0
         self._eval_start = 0.0
         self._procs = 1
+        self._device = None  # the accelerator's device, once known (False: none)
         self._windows: dict[str, _Window] = {}
         self._train = self._val = self._test = _Window(0.0)
         self._rows = _unknown  # the batch-size reader, made for the first batch's structure
@@ -131,8 +132,10 @@ class IterTimerHook(Hook):
 
     def memory_mb(self, runner) -> int | None:
         """Peak accelerator memory (MiB) since the previous call; ``None`` when not on a GPU."""
-        device = getattr(runner.accelerator, 'device', None)
-        if device is None or device.type != 'cuda':
+        if self._device is None:  # Accelerator.device is a chain of properties: asked once
+            self._device = getattr(runner.accelerator, 'device', None) or False
+        device = self._device
+        if not device or device.type != 'cuda':
             return None
         import torch
         peak = torch.cuda.max_memory_allocated(device)

@@ -49,6 +49,7 @@ class LoggerHook(Hook):
         self._flushed = 0.0
         self._trackers = None
         self._bar = None
+        self._timer = None
         self._tracker_state: dict = {}
 
     # ---- run ----------------------------------------------------------------------------------
@@ -90,6 +91,7 @@ class LoggerHook(Hook):
 
     # ---- train --------------------------------------------------------------------------------
     def before_train(self, runner) -> None:
+        self._timer = runner.get_hook('IterTimerHook')  # read at every line: looked up once
         self._trackers.start(runner)
         if self._bar is not None and not self.by_epoch:
             self._bar.start_task('train', runner.max_iters, runner.iter)
@@ -132,7 +134,7 @@ class LoggerHook(Hook):
     def _train_line(self, runner) -> None:
         """Write the window's line, scalars and tracker values, and start a new window."""
         buf = runner.log_buffer
-        timer = runner.get_hook('IterTimerHook')
+        timer = self._timer
         values: dict[str, Any] = {'lr': runner.optim_wrapper.get_lr()['lr'][0]}
         means = buf.means('train')
         buf.clear_window('train')
