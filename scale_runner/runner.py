@@ -280,7 +280,11 @@ class Runner:
         path = Path(path)
         if path.is_dir() and (path / 'state.json').is_file():
             ckpt = read_checkpoint(path, self.accelerator.process_index if self.accelerator else 0)
-            weights, self.loaded_checkpoint_state = ckpt['model'], ckpt['state']
+            weights = ckpt['model']
+            # Hooks' states and counters; not the optimizer's or the schedulers': load_from
+            # starts a new run, and nothing should hold on to them.
+            self.loaded_checkpoint_state = {k: v for k, v in ckpt['state'].items()
+                                            if k not in ('optimizer', 'param_schedulers')}
             if weights is None:
                 raise CheckpointError(f'{path} holds no model weights')
         else:
