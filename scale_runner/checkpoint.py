@@ -622,32 +622,59 @@ def _restore_gradients(runner, grads: dict | None, path: str) -> None:
 
 
 # ---- export ------------------------------------------------------------------------------------
-def export_weights(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_weights(src: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> Path:
     """Write the model weights of checkpoint ``src`` (verified) to the ``.safetensors`` file ``out``.
 
-    Nothing else (optimizer, RNG, counters) is exported. The file's metadata says where the
-    weights come from: ``format=pt``, ``producer``, ``source``, ``epoch``/``iter`` when known.
-    The file is written under a temporary name and renamed, so ``out`` is never half written.
+    Nothing else (optimizer, RNG, counters) is exported. ``ema=True``: the EMAHook's average
+    instead of the training weights (entries it does not average, such as buffers without
+    ``update_buffers``, stay the training ones). The file's metadata says where the weights
+    come from: ``format=pt``, ``producer``, ``source``, ``epoch``/``iter`` when known, and
+    ``weights=ema`` with ``ema_steps`` for an average. The file is written under a temporary
+    name and renamed, so ``out`` is never half written.
     """
     from . import __version__
     src, out = Path(src), Path(out)
     if out.suffix != '.safetensors':
         raise CheckpointError(f'{out}: the export target must be a .safetensors file')
-    weights = read_model_weights(src)
     meta = {'format': 'pt', 'producer': f'scale_runner {__version__}',
             'scale_runner_checkpoint_format': str(FORMAT_VERSION), 'source': src.name}
-    if src.is_dir():
-        doc = _load_json(verify(src)['state.json'], src / 'state.json')
-        train_state = doc.get('train_state') or {}
+    if not src.is_dir():
+        if ema:
+            raise CheckpointError(f'{src}: an EMA average is exported from a checkpoint directory '
+                                  f'(a .safetensors file holds one set of weights)')
+        weights = read_model_weights(src)
+    else:
+        ckpt = read_checkpoint(src)  # verified once
+        weights, state = ckpt['model'], ckpt['state']
+        if weights is None:
+            raise CheckpointError(f'{src} holds no model weights')
+        train_state = state.get('train_state') or {}
         for key in ('epoch', 'iter'):
             if isinstance(train_state.get(key), int):
                 meta[key] = str(train_state[key])
-        name = (doc.get('meta') or {}).get('experiment_name')
+        name = (state.get('meta') or {}).get('experiment_name')
         if isinstance(name, str):
             meta['experiment_name'] = name
+        if ema:
+            weights = _with_average(weights, state, src)
+            meta['weights'] = 'ema'
+            meta['ema_steps'] = str(state['hooks']['EMAHook'].get('steps', 0))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f'.{out.name}.tmp'
     _write_tensors(tmp, model_tensors(weights), meta)
     os.replace(tmp, out)
     _fsync_dir(out.parent)
     return out
+
+
+def _with_average(weights: dict, state: dict, src: Path) -> dict:
+    """``weights`` with the entries the checkpoint's EMAHook averaged replaced by the average."""
+    saved = (state.get('hooks') or {}).get('EMAHook')
+    if not isinstance(saved, dict) or not saved.get('ema'):
+        raise CheckpointError(f'{src} holds no EMA average: it was written without EMAHook in '
+                              f'custom_hooks; export without --ema for the training weights')
+    unknown = sorted(k for k in saved['ema'] if k not in weights)
+    if unknown:
+        raise CheckpointError(f'{src}: the EMA average has entries the model weights do not: '
+                              f'{unknown[:5]}')
+    return {**weights, **saved['ema']}

@@ -1,5 +1,5 @@
 """``scale-runner train|val|test|config|hooks CONFIG [--cfg-options K=V ...]``,
-``scale-runner export CKPT OUT.safetensors``, ``scale-runner plot WORK_DIR... -o curves.png``.
+``scale-runner export CKPT OUT.safetensors [--ema]``, ``scale-runner plot WORK_DIR... -o curves.png``.
 
 Heavy imports (torch, accelerate) happen inside the commands, so ``--help`` is instant.
 """
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser('export', help='write the weights of a checkpoint to a .safetensors file')
     ex.add_argument('checkpoint', help='checkpoint directory (verified against its manifest)')
     ex.add_argument('output', help='output .safetensors file (weights only)')
+    ex.add_argument('--ema', action='store_true',
+                    help="the EMAHook's average instead of the training weights")
     return p
 
 
@@ -75,8 +77,9 @@ def load_config(args):
 
 def export(args) -> int:
     from .checkpoint import export_weights
-    out = export_weights(args.checkpoint, args.output)
-    print(f'exported the weights of {args.checkpoint} to {out}')
+    out = export_weights(args.checkpoint, args.output, ema=args.ema)
+    kind = 'the EMA average' if args.ema else 'the weights'
+    print(f'exported {kind} of {args.checkpoint} to {out}')
     return 0
 
 

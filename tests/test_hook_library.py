@@ -143,6 +143,35 @@ def test_ema_test_after_train_and_from_load_from_use_the_average(tmp_path, tiny_
         fresh.close()
 
 
+def test_export_ema_writes_the_average(tmp_path, tiny_parts, capsys):
+    from scale_runner.checkpoint import read_model_weights
+    from scale_runner.cli import main
+    ema = EMAHook(momentum=0.25)
+    runner = Runner(**tiny_parts(tmp_path, custom_hooks=[ema], default_hooks=dict(logger=None),
+                                 train_cfg=dict(by_epoch=True, max_epochs=1)))
+    runner.train()
+    average, trained = dict(ema.ema_state_dict), _weights(runner)
+    runner.close()
+    ckpt, out = tmp_path / 'checkpoints' / 'epoch_1', tmp_path / 'ema.safetensors'
+    assert main(['export', str(ckpt), str(out), '--ema']) == 0
+    assert 'EMA average' in capsys.readouterr().out
+    got = read_model_weights(out)
+    assert set(got) == set(trained)
+    assert all(torch.equal(got[k], average[k]) for k in average)
+    assert not torch.equal(got['linear.weight'], trained['linear.weight'])
+    from safetensors import safe_open
+    with safe_open(str(out), framework='pt') as f:
+        assert f.metadata()['weights'] == 'ema' and f.metadata()['ema_steps'] == '8'
+    # a checkpoint written without EMAHook: a clear error, nothing written
+    plain = Runner(**tiny_parts(tmp_path / 'plain', default_hooks=dict(logger=None),
+                                train_cfg=dict(by_epoch=True, max_epochs=1)))
+    plain.train()
+    plain.close()
+    target = tmp_path / 'none.safetensors'
+    assert main(['export', str(tmp_path / 'plain' / 'checkpoints' / 'epoch_1'), str(target), '--ema']) == 1
+    assert 'without EMAHook' in capsys.readouterr().err and not target.exists()
+
+
 def test_ema_strict_load_refuses_a_checkpoint_without_ema(tmp_path, tiny_parts):
     from scale_runner.checkpoint import CheckpointError
     runner = Runner(**tiny_parts(tmp_path, default_hooks=dict(logger=None),
