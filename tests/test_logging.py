@@ -296,3 +296,6 @@ def test_timer_window_resume_and_clear():
     assert w.means(1) == {} and w.ready == [21.5] and w.start == 21.0
     w.ends += [22.0]; w.samples += [1]
     assert w.means(1) == pytest.approx({'time': 1.0, 'data_time': 0.5, 'samples_per_s': 1.0})
+    w.clear()
+    w.ready += [22.5]; w.ends += [23.0]; w.samples += [0]  # a batch without a first dimension
+    assert w.means(1) == pytest.approx({'time': 1.0, 'data_time': 0.5})

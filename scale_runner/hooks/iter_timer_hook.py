@@ -181,8 +181,9 @@ class _Window:
             prev = end
         busy = max(busy, 1e-9)
         out = {'time': busy / n, 'data_time': data / n}
-        if self.samples:
-            out['samples_per_s'] = sum(self.samples) * procs / busy
+        samples = sum(self.samples)
+        if samples:  # 0: batches without a first dimension (or none passed): no throughput
+            out['samples_per_s'] = samples * procs / busy
         if self.tokens:
             from ..logs import to_floats
             out['tokens_per_s'] = sum(to_floats(self.tokens)) * procs / busy
