@@ -37,8 +37,9 @@ class IterTimerHook(Hook):
         self._eval_start = 0.0
         self._procs = 1
         self._device = None  # the accelerator's device, once known (False: none)
-        self._windows: dict[str, _Window] = {}
-        self._train = self._val = self._test = _Window(0.0)
+        self._train = _Window(0.0)  # one window per stage, replaced when the stage starts
+        self._val = _Window(0.0)
+        self._test = _Window(0.0)
         self._rows = _unknown  # the batch-size reader, made for the first batch's structure
         self._tokens = False     # whether batches are dicts with input_ids
 
@@ -48,7 +49,7 @@ class IterTimerHook(Hook):
         runner.log_buffer.add_source(self)
         self._start_time = time.perf_counter()
         self._start_iter = runner.iter
-        self._train = self._windows['train'] = _Window(self._start_time)
+        self._train = _Window(self._start_time)
 
     def before_train_epoch(self, runner) -> None:
         self._train.resume(time.perf_counter())
@@ -61,17 +62,16 @@ class IterTimerHook(Hook):
 
     # ---- val / test ---------------------------------------------------------------------------
     def before_val_epoch(self, runner) -> None:
-        self._val = self._start_eval(runner, 'val')
+        self._val = self._start_eval(runner)
 
     def before_test_epoch(self, runner) -> None:
-        self._test = self._start_eval(runner, 'test')
+        self._test = self._start_eval(runner)
 
-    def _start_eval(self, runner, stage: str) -> _Window:
+    def _start_eval(self, runner) -> _Window:
         self._procs = _num_processes(runner)
         runner.log_buffer.add_source(self)
         self._eval_start = time.perf_counter()
-        self._windows[stage] = _Window(self._eval_start)
-        return self._windows[stage]
+        return _Window(self._eval_start)
 
     def after_val(self, runner) -> None:
         # Validation (metrics and after_val_epoch's best-checkpoint saving included) is not
@@ -106,12 +106,15 @@ class IterTimerHook(Hook):
                 window.tokens.append(tokens)
 
     # ---- the LogBuffer source protocol ----------------------------------------------------------
+    def _window(self, stage: str) -> _Window | None:
+        return {'train': self._train, 'val': self._val, 'test': self._test}.get(stage)
+
     def window_means(self, stage: str) -> dict:
-        window = self._windows.get(stage)
+        window = self._window(stage)
         return window.means(self._procs) if window is not None else {}
 
     def clear_window(self, stage: str) -> None:
-        window = self._windows.get(stage)
+        window = self._window(stage)
         if window is not None:
             window.clear()
 
