@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks that CPU machines cannot run: short trainings through the CLI with fp32, bf16,
 # fp16 (grad scaler + skipped-steps counter), FSDP2 (1 process) and DeepSpeed ZeRO-2
-# (1 process). Prints PASS/FAIL and samples/s for each; exits 1 if any failed.
-# Budget: under 8 minutes on one H100 (each run has a 120 s timeout).
+# (1 process), and exact resume (bit-identical weights) for fp32 and FSDP2. Prints PASS/FAIL
+# and samples/s for each; exits 1 if any failed. Under 5 minutes on one H100 (each run has a
+# 120 s timeout).
 #
 #   bash bench/gpu_check.sh            # from the repository root
 #   PYTHON=/path/to/python bash bench/gpu_check.sh
+#   GPU_CHECK_ONLY="fsdp fsdp-resume zero2" bash bench/gpu_check.sh   # some checks only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -47,42 +49,89 @@ print(f'{rate:10.0f} samples/s  loss {train[0]["loss"]:.3f}->{train[-1]["loss"]:
 PYEOF
 }
 
+wanted() { [ -z "${GPU_CHECK_ONLY:-}" ] || [[ " $GPU_CHECK_ONLY " == *" $1 "* ]]; }
+
+train() {  # train NAME LAUNCH... -- OPTIONS...: one CLI training run, output in $OUT/NAME.out
+    local name=$1; shift
+    local launch=()
+    while [ "$1" != -- ]; do launch+=("$1"); shift; done; shift
+    timeout 120 "${launch[@]}" -m scale_runner train "$CFG" --work-dir "$OUT/$name" \
+        --cfg-options "${COMMON[@]}" experiment_name="$name" "$@" >>"$OUT/$name.out" 2>&1
+}
+
+fail() {  # fail NAME WHY
+    RESULTS+=("FAIL  $(printf '%-12s' "$1") $2")
+    FAILED=1
+}
+
 run() {  # run NAME EXPECT_SCALER LAUNCH... -- OPTIONS...
     local name=$1 scaler=$2; shift 2
-    local launch=() opts=()
-    while [ "$1" != -- ]; do launch+=("$1"); shift; done; shift
-    opts=("$@")
-    local start=$SECONDS
-    if timeout 120 "${launch[@]}" -m scale_runner train "$CFG" --work-dir "$OUT/$name" \
-            --cfg-options "${COMMON[@]}" experiment_name="$name" "${opts[@]}" \
-            >"$OUT/$name.out" 2>&1; then
-        local wall=$((SECONDS - start))
-        if line=$(check "$name" "$scaler" "$wall" 2>&1); then
-            RESULTS+=("PASS  $(printf '%-10s' "$name") ${wall}s  $line")
-            return
-        fi
-        RESULTS+=("FAIL  $(printf '%-10s' "$name") check: $(echo "$line" | tail -n 1)")
+    wanted "$name" || return 0
+    local start=$SECONDS rc=0 line
+    train "$name" "$@" || rc=$?
+    local wall=$((SECONDS - start))
+    if [ $rc -ne 0 ]; then
+        fail "$name" "exit $rc after ${wall}s: $(grep -v '^\s*$' "$OUT/$name.out" | tail -n 1)"
+    elif line=$(check "$name" "$scaler" "$wall" 2>&1); then
+        RESULTS+=("PASS  $(printf '%-12s' "$name") ${wall}s  $line")
     else
-        RESULTS+=("FAIL  $(printf '%-10s' "$name") exit $? after $((SECONDS - start))s: $(grep -v '^\s*$' "$OUT/$name.out" | tail -n 1)")
+        fail "$name" "check: $(echo "$line" | tail -n 1)"
     fi
-    FAILED=1
+}
+
+# resume NAME BASE LAUNCH... -- OPTIONS...: one epoch, then --resume to the second; the weights
+# must equal run BASE's (same options, two epochs straight) bit for bit.
+resume() {
+    local name=$1 base=$2; shift 2
+    wanted "$name" || return 0
+    local start=$SECONDS line
+    if ! train "$name" "$@" train_cfg.max_epochs=1 default_hooks.checkpoint.interval=1; then
+        fail "$name" "first half: $(tail -n 1 "$OUT/$name.out")"; return
+    fi
+    local launch=()
+    while [ "$1" != -- ]; do launch+=("$1"); shift; done; shift
+    if ! timeout 120 "${launch[@]}" -m scale_runner train "$CFG" --work-dir "$OUT/$name" --resume \
+            --cfg-options "${COMMON[@]}" experiment_name="$name" "$@" >>"$OUT/$name.out" 2>&1; then
+        fail "$name" "resumed half: $(tail -n 1 "$OUT/$name.out")"; return
+    fi
+    if line=$("$PY" - "$OUT" "$base" "$name" <<'PYEOF' 2>&1
+import sys
+from pathlib import Path
+from safetensors.torch import load_file
+def final(name):
+    root = Path(sys.argv[1]) / name / 'checkpoints'
+    return load_file(root / (root / 'latest').read_text().strip() / 'model.safetensors')
+a, b = final(sys.argv[2]), final(sys.argv[3])
+assert a.keys() == b.keys(), 'different tensors'
+diff = [k for k in a if not a[k].equal(b[k])]
+assert not diff, f'{len(diff)} of {len(a)} tensors differ, e.g. {diff[0]}'
+print(f'{len(a)} tensors bit-identical to the uninterrupted {sys.argv[2]} run')
+PYEOF
+    ); then
+        RESULTS+=("PASS  $(printf '%-12s' "$name") $((SECONDS - start))s  $line")
+    else
+        fail "$name" "$(echo "$line" | tail -n 1)"
+    fi
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"
 "$PY" -c "import torch, accelerate; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'accelerate', accelerate.__version__)"
 ACC=("$PY" -m accelerate.commands.launch --num_machines 1 --dynamo_backend no)
+FSDP=("${ACC[@]}" --config_file launch/fsdp.yaml --num_processes 1 --main_process_port 29511)
 
 run fp32 0 "$PY" -- accelerator.mixed_precision=no
 run bf16 0 "$PY" -- accelerator.mixed_precision=bf16
 run fp16 1 "$PY" -- accelerator.mixed_precision=fp16
-run fsdp 0 "${ACC[@]}" --config_file launch/fsdp.yaml --num_processes 1 --main_process_port 29511 -- \
-    optim_wrapper.clip_grad.max_norm=1.0
-if "$PY" -c "import deepspeed" 2>/dev/null; then
+resume resume fp32 "$PY" -- accelerator.mixed_precision=no
+run fsdp 0 "${FSDP[@]}" -- optim_wrapper.clip_grad.max_norm=1.0
+resume fsdp-resume fsdp "${FSDP[@]}" -- optim_wrapper.clip_grad.max_norm=1.0
+if ! wanted zero2; then
+    :
+elif "$PY" -c "import deepspeed" 2>/dev/null; then
     run zero2 0 "${ACC[@]}" --config_file launch/deepspeed_zero2.yaml --num_processes 1 \
         --main_process_port 29512 --
 else
-    RESULTS+=("FAIL  zero2      deepspeed is not installed: pip install deepspeed")
-    FAILED=1
+    fail zero2 "deepspeed is not installed: pip install deepspeed"
 fi
 
 echo

@@ -13,12 +13,14 @@ weights everywhere. Every run is a fresh child process (``OMP_NUM_THREADS=1``,
     python bench/step_overhead.py --dispatch --steps 3000       # cost of 20 idle hooks
     python bench/step_overhead.py --pieces --steps 3000         # each part of a step, in place
     python bench/step_overhead.py --flat 30000                  # per-step time per sixth
+    python bench/step_overhead.py --device cuda --reps 3 --variants accelerate,scale_runner
 
 Variants (``--variants``, comma-separated; ``plain`` always runs, as the baseline):
 ``plain`` (a plain PyTorch loop), ``accelerate`` (a hand-written Accelerate loop),
 ``scale_runner`` (``Runner.train()`` with its default hooks: logger every 10 iterations,
 checkpoint at the end), ``scale_runner+idle`` (the same with 20 hooks that implement only
-``before_train``), ``mmengine`` (MMEngine's ``Runner`` with its default hooks, logger every 10,
+``before_train``), ``scale_runner-nan_guard`` (the default hooks without NanGuardHook, whose
+per-step host read of the loss is a device sync on a GPU), ``mmengine`` (MMEngine's ``Runner`` with its default hooks, logger every 10,
 checkpoint at the end), ``lightning`` (a bare ``Trainer``: no progress bar, logger,
 checkpointing or model summary) and ``lightning-defaults`` (the Trainer's default progress bar,
 logger and checkpointing, ``log_every_n_steps=10``, the loss ``self.log``'ed every step; with
@@ -51,6 +53,9 @@ Modes:
   0 and 20 idle hooks, and, for reference, dispatch that calls every hook's method (MMEngine's
   way); the difference times the 2 per-iteration points of a step is related to the plain
   loop's step (median of ``--reps`` child runs of ``--steps`` steps).
+- ``--device cuda`` (default mode only): the same workload on the GPU. The plain loop copies
+  each batch with ``.to('cuda', non_blocking=True)``; Accelerate and scale_runner place it
+  themselves. The clock stops after ``torch.cuda.synchronize()``.
 - ``--flat STEPS``: one run of STEPS iterations over a dataset of STEPS/6 batches (so it crosses
   five epoch transitions) per variant: the plain loop (6 epochs), scale_runner and MMEngine with
   their iteration-based loops. Per sixth: the median per-step time (robust to the VM's noise
@@ -78,6 +83,8 @@ from _peers import BATCH, LR, SEED  # noqa: E402
 CALLS_FROM, CALLS_TO = 100, 200  # --calls counts from the end of step 100 to the end of step 200
 IDLE_HOOKS = 20
 RESULT = 'RESULT '  # prefix of the child's result line (frameworks may print around it)
+DEVICE = 'cpu'  # the parent's --device
+CUDA = os.environ.get('BENCH_DEVICE') == 'cuda'  # set by the parent's --device for its children
 
 
 class Work(NamedTuple):
@@ -104,6 +111,9 @@ class Probe:
         self.t0 = time.perf_counter()
 
     def stop(self):
+        if CUDA:  # the clock stops when the GPU is done, not when its queue is full
+            import torch
+            torch.cuda.synchronize()
         self.t1 = time.perf_counter()
 
     def _mark(self):
@@ -165,9 +175,12 @@ def _hand_written(model, opt, loader, backward, probe: Probe, work: Work) -> flo
     the same call as ``loss.backward()``) or ``accelerator.backward``."""
     import torch
     mse_loss, tick = torch.nn.functional.mse_loss, probe.tick
+    to_gpu = CUDA and backward is torch.Tensor.backward  # Accelerate's loader places batches
     probe.start()
     for _ in range(work.epochs):
         for x, y in loader:
+            if to_gpu:
+                x, y = x.to('cuda', non_blocking=True), y.to('cuda', non_blocking=True)
             loss = mse_loss(model(x), y)
             backward(loss)
             opt.step()
@@ -181,7 +194,7 @@ def _hand_written(model, opt, loader, backward, probe: Probe, work: Work) -> flo
 def plain(probe: Probe, work: Work) -> float:
     import torch
     ds = _peers.dataset(work.batches)
-    model = _peers.mlp()
+    model = _peers.mlp().to('cuda' if CUDA else 'cpu')
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     return _hand_written(model, opt, _peers.loader(ds), torch.Tensor.backward, probe, work)
 
@@ -190,14 +203,14 @@ def accelerate_loop(probe: Probe, work: Work) -> float:
     import torch
     from accelerate import Accelerator
     ds = _peers.dataset(work.batches)
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=not CUDA)
     model = _peers.mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     model, opt, loader = acc.prepare(model, opt, _peers.loader(ds))
     return _hand_written(model, opt, loader, acc.backward, probe, work)
 
 
-def _scale_runner(ds, work: Work, custom_hooks: list):
+def _scale_runner(ds, work: Work, custom_hooks: list, **hooks):
     """A scale_runner Runner with its default hooks (logger every 10 iterations, checkpoint at
     the end), no validation; the model is built after the runner seeds, like the plain loop's."""
     import torch
@@ -221,8 +234,8 @@ def _scale_runner(ds, work: Work, custom_hooks: list):
                train_cfg=train_cfg,
                optim_wrapper=dict(optimizer=dict(type='AdamW', lr=LR)),
                default_hooks=dict(logger=dict(interval=10),
-                                  checkpoint=dict(interval=-1, save_last=True)),
-               custom_hooks=custom_hooks, randomness=dict(seed=SEED), accelerator=dict(cpu=True),
+                                  checkpoint=dict(interval=-1, save_last=True), **hooks),
+               custom_hooks=custom_hooks, randomness=dict(seed=SEED), accelerator=dict(cpu=not CUDA),
                log_level='WARNING')
     return r
 
@@ -236,7 +249,7 @@ def _idle_hooks(n: int) -> list:
     return [Idle() for _ in range(n)]
 
 
-def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0) -> float:
+def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0, **hooks) -> float:
     from scale_runner import Hook
 
     class Clock(Hook):
@@ -253,7 +266,7 @@ def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0) -> float:
             probe.tick()
 
     clock = Ticker() if probe.tick else Clock()
-    r = _scale_runner(_peers.dataset(work.batches), work, [clock] + _idle_hooks(idle_hooks))
+    r = _scale_runner(_peers.dataset(work.batches), work, [clock] + _idle_hooks(idle_hooks), **hooks)
     r.train()
     return float(r.log_buffer.current['loss'])
 
@@ -282,6 +295,8 @@ VARIANTS = {
     'scale_runner': ('scale_runner', scale_runner, None),
     'scale_runner+idle': (f'scale_runner+{IDLE_HOOKS} idle hooks',
                           lambda p, w: scale_runner(p, w, idle_hooks=IDLE_HOOKS), None),
+    'scale_runner-nan_guard': ('scale_runner, no nan_guard',
+                               lambda p, w: scale_runner(p, w, nan_guard=None), None),
     'mmengine': ('mmengine', mmengine, 'mmengine'),
     'lightning': ('lightning (bare)', lightning, 'lightning'),
     'lightning-defaults': ('lightning (defaults)', lambda p, w: lightning(p, w, defaults=True),
@@ -301,7 +316,7 @@ def child_main(args) -> None:
 # ---- the parent -------------------------------------------------------------------------------
 def run_child(key: str, mode: str, work: Work) -> dict | None:
     """Run one variant in a fresh process; ``None`` (with its stderr shown) if it failed."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore',
+    env = dict(os.environ, BENCH_DEVICE=DEVICE, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore',
                TF_CPP_MIN_LOG_LEVEL='3')
     cmd = [sys.executable, __file__, '--one', key, '--mode', mode, '--batches', str(work.batches),
            '--epochs', str(work.epochs)] + (['--iter-based'] if work.iter_based else [])
@@ -343,6 +358,7 @@ def time_mode(keys: list[str], steps: int, reps: int) -> None:
             rec = run_child(key, 'time', work)
             if rec:
                 per_step[key].append(rec['seconds'] / steps * 1e6)
+                print(f'  {key}: {per_step[key][-1]:.1f} µs/step', file=sys.stderr, flush=True)
                 losses[key] = rec['loss']
                 notes[key] = rec['note']
     base = statistics.median(per_step['plain']) if per_step['plain'] else None
@@ -628,12 +644,18 @@ def main():
     p.add_argument('--flat', type=int, metavar='STEPS',
                    help=f'instead: per-sixth step time of one run of STEPS iterations (e.g. 30000); '
                         f'variants default to {FLAT_VARIANTS}')
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
+                   help='default mode: run the workload on this device (cuda: one GPU)')
     p.add_argument('--one', help=argparse.SUPPRESS)
     p.add_argument('--mode', default='time', choices=('time', 'calls', 'flat'), help=argparse.SUPPRESS)
     p.add_argument('--batches', type=int, help=argparse.SUPPRESS)
     p.add_argument('--epochs', type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument('--iter-based', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == 'cuda' and (args.dispatch or args.pieces or args.paired or args.flat or args.calls):
+        p.error('--device cuda times the default mode only')
     if args.one:
         child_main(args)
     elif args.dispatch:

@@ -498,7 +498,12 @@ def check_weights(module: torch.nn.Module, weights: dict, source: str, strict: b
         lines.append('  Pass strict=False (load_from with strict=False) to load the matching keys only.'
                      if not shapes else '  Shape mismatches cannot be loaded.')
         raise CheckpointError('\n'.join(lines))
-    module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    from .sharding import is_sharded, load_full_model_state
+    weights = {k: v for k, v in weights.items() if k in own}
+    if is_sharded(module):  # FSDP2: DTensor parameters take their shards of the full tensors
+        load_full_model_state(module, weights)
+    else:
+        module.load_state_dict(weights, strict=False)
 
 
 def resolve_resume(resume: Any) -> bool | str | Path:
@@ -527,6 +532,14 @@ def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: boo
     if runner.optim_wrapper is not None:
         meta['accumulative_counts'] = getattr(runner.optim_wrapper, 'accumulative_counts', 1)
     state = {'meta': meta, 'train_state': runner.state.state_dict(), 'hooks': {}}
+    if save_optimizer and runner.optim_wrapper is not None and _deepspeed(runner):
+        # ZeRO keeps each rank's optimizer partition in objects of its own (loss scaler,
+        # partition maps) that have no pickle-free form yet: save the weights and the training
+        # state, and make resume say so instead of continuing with a fresh optimizer.
+        meta['optimizer_not_saved'] = 'DeepSpeed ZeRO optimizer partitions'
+        warnings.warn('DeepSpeed: checkpoints hold the weights and the training state but not the '
+                      'ZeRO optimizer partitions; they can be load_from, not resumed')
+        save_optimizer = False
     if save_optimizer and runner.optim_wrapper is not None:
         state['optimizer'] = runner.optim_wrapper.state_dict()
         state['optim_wrapper'] = {'update_count': runner.optim_wrapper.update_count,
@@ -537,6 +550,10 @@ def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: boo
     if save_param_scheduler and runner.param_schedulers:
         state['param_schedulers'] = [s.state_dict() for s in runner.param_schedulers]
     return state
+
+
+def _deepspeed(runner) -> bool:
+    return runner.accelerator is not None and runner.accelerator.distributed_type == 'DEEPSPEED'
 
 
 def train_batch_size(dataloader) -> int | None:
@@ -573,6 +590,11 @@ def restore_state(runner, ckpt: dict) -> None:
             f'{runner.accelerator.num_processes} processes: exact resume needs the same number; '
             f'use load_from={ckpt["path"]!r} to start a new run from its weights instead')
     meta = state.get('meta', {})
+    if meta.get('optimizer_not_saved') and runner.optim_wrapper is not None:
+        raise CheckpointError(
+            f'{ckpt["path"]} holds no optimizer state ({meta["optimizer_not_saved"]} are not '
+            f'saved yet), so training cannot resume exactly from it; use '
+            f'load_from={ckpt["path"]!r} to start a new run from its weights')
     current = {'train_dataloader.batch_size (samples per iteration over all processes)':
                ('train_batch_size', train_batch_size(runner.train_loop.dataloader)
                 if runner.train_loop is not None else None),

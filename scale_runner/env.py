@@ -153,7 +153,7 @@ def check_train_setup(accelerator, dataloader, optim_wrapper) -> None:
                           f'disagrees with optim_wrapper.accumulative_counts={counts}: set it to '
                           f'auto (accumulative_counts is the one source of truth)')
     if ds.get('train_micro_batch_size_per_gpu', 'auto') == 'auto':
-        batch_size = getattr(dataloader, 'batch_size', None)
+        batch_size = micro_batch_size(dataloader, accelerator.num_processes)
         if batch_size is None:
             raise ConfigError('DeepSpeed needs train_micro_batch_size_per_gpu: set it in the '
                               'DeepSpeed config or give train_dataloader a batch_size')
@@ -165,6 +165,19 @@ def check_train_setup(accelerator, dataloader, optim_wrapper) -> None:
     if ds.get('gradient_clipping', 'auto') == 'auto':
         # DeepSpeed clips inside its step; Accelerate would otherwise default to 1.0.
         ds['gradient_clipping'] = float(clip.get('max_norm', 0.0))
+
+
+def micro_batch_size(dataloader, num_processes: int) -> int | None:
+    """Samples per iteration on one process. A prepared loader has ``batch_size=None`` (its
+    batch sampler batches): read the sampler's, per process unless batches are split."""
+    size = getattr(dataloader, 'batch_size', None)
+    if size is not None:
+        return size
+    sampler = getattr(dataloader, 'batch_sampler', None)
+    size = getattr(sampler, 'batch_size', None)
+    if size is not None and getattr(sampler, 'split_batches', False):
+        size //= num_processes
+    return size
 
 
 def _safe_len(obj) -> int | None:

@@ -99,6 +99,33 @@ class BaseModel(nn.Module):
         return run_forward(self, data, mode='predict')
 
 
+def cast_inputs_to_weights(model: nn.Module) -> None:
+    """Cast the floating-point tensors of every forward call's arguments to the dtype of the
+    module's weights, when those are bf16/fp16 (DeepSpeed's half-precision engine converts the
+    weights but, unlike autocast, passes inputs through as they come: float32 inputs then fail
+    with 'mat1 and mat2 must have the same dtype'). MMEngine's data preprocessors do this cast."""
+    core = unwrap(model)
+    dtype = next((p.dtype for p in core.parameters() if p.is_floating_point()), None)
+    if dtype in (torch.bfloat16, torch.float16):
+        core.register_forward_pre_hook(functools.partial(_cast_call, dtype=dtype), with_kwargs=True)
+
+
+def _cast_call(module, args, kwargs, dtype):
+    return _cast(args, dtype), _cast(kwargs, dtype)
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, '_fields'):  # a namedtuple
+        return type(obj)(*(_cast(v, dtype) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast(v, dtype) for v in obj)
+    return obj
+
+
 def train_step(model: nn.Module, data: Any, optim_wrapper) -> dict:
     """One training step of ``model`` (as prepared), whatever kind of module it is."""
     return train_step_of(model)(data, optim_wrapper)

@@ -54,11 +54,17 @@ class OptimWrapper:
         # Set by NanGuardHook: guard(loss) -> False drops this update (raises in 'raise' mode).
         self.loss_guard = None
         self._drop_window = False  # a bad loss was seen in the current accumulation window
+        self._sharded = None  # the FSDP2-sharded module, whose optimizer state is gathered to save
 
     def bind(self, accelerator, model) -> None:
         """Attach the Accelerator and the prepared model (done by the runner after prepare)."""
         self.accelerator = accelerator
         self.model = model
+        if model is not None:
+            from .model import unwrap
+            from .sharding import is_sharded
+            module = unwrap(model)
+            self._sharded = module if is_sharded(module) else None
         if accelerator is not None:
             if accelerator.mixed_precision == 'fp16' or accelerator.scaler is not None:
                 self.skipped_steps = self.skipped_steps or 0
@@ -193,10 +199,20 @@ class OptimWrapper:
         return {'momentum': out}
 
     def state_dict(self) -> dict:
+        """Collective when the model is FSDP2-sharded: the full state then, keyed by parameter
+        names, on rank 0 only."""
+        if self._sharded is not None:
+            from .sharding import full_optimizer_state
+            return full_optimizer_state(self._sharded, getattr(self.optimizer, 'optimizer', self.optimizer))
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        if self._sharded is not None:
+            from .sharding import load_full_optimizer_state
+            load_full_optimizer_state(self._sharded, getattr(self.optimizer, 'optimizer', self.optimizer),
+                                      state)
+        else:
+            self.optimizer.load_state_dict(state)
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(optimizer={type(self.optimizer).__name__}, '

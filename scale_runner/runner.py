@@ -154,6 +154,9 @@ class Runner:
             self._load_weights()
             out = self.accelerator.prepare(self.model, *extra)
             self.model, extra = (out[0], out[1:]) if extra else (out, ())
+            if self.accelerator.distributed_type == 'DEEPSPEED':
+                from .model import cast_inputs_to_weights
+                cast_inputs_to_weights(self.model)
             self._prepared_model = True
         elif extra:
             extra = self.accelerator.prepare(*extra)

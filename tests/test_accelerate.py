@@ -58,6 +58,21 @@ def test_accelerator_section_maps_onto_accelerate_objects():
         accelerator_kwargs(dict(mixed_precison='bf16'))
 
 
+@pytest.mark.parametrize('split_batches, expected', [(False, 8), (True, 4)])
+def test_deepspeed_micro_batch_size_of_a_prepared_loader(split_batches, expected):
+    """Accelerate's prepared loader batches in its batch sampler (``batch_size`` is None): the
+    micro batch DeepSpeed's 'auto' needs is read there, per process (found on an H100: ZeRO-2
+    refused a train_dataloader with batch_size=512)."""
+    from accelerate.data_loader import prepare_data_loader
+    from scale_runner.env import micro_batch_size
+    loader = torch.utils.data.DataLoader(RegressionData(64), batch_size=8)
+    prepared = prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False,
+                                   split_batches=split_batches)
+    assert prepared.batch_size is None
+    assert micro_batch_size(prepared, 2) == expected
+    assert micro_batch_size(loader, 2) == 8
+
+
 class LossesSeen(Hook):
     def __init__(self):
         self.losses = []
@@ -390,3 +405,25 @@ def test_uneven_data_does_not_hang(ddp_job, size, even_batches, ok):
     (w0, w1), (c0, c1) = _rank_results(work, 2)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert c0 == c1 and c0['iter'] == 5
+
+
+def test_half_weights_get_inputs_of_their_dtype():
+    """DeepSpeed bf16/fp16 converts the weights, not the inputs (found on an H100: ZeRO-2 bf16
+    failed with 'mat1 and mat2 must have the same dtype'); the runner casts float inputs."""
+    from collections import namedtuple
+    from scale_runner.model import cast_inputs_to_weights
+    model = PlainRegressor().to(torch.bfloat16)
+    batch = dict(x=torch.randn(4, 4), y=torch.randn(4, 1))
+    with pytest.raises(RuntimeError, match='dtype'):
+        model(**batch)
+    cast_inputs_to_weights(model)
+    out = model(**batch)
+    assert out['loss'].dtype == torch.bfloat16
+    Pair = namedtuple('Pair', 'a b')
+    cast = model._forward_pre_hooks[next(iter(model._forward_pre_hooks))]
+    args, kwargs = cast(model, (Pair(torch.ones(1), torch.ones(1, dtype=torch.long)),), {'n': [torch.ones(1)]})
+    assert args[0].a.dtype == torch.bfloat16 and args[0].b.dtype == torch.long
+    assert isinstance(args[0], Pair) and kwargs['n'][0].dtype == torch.bfloat16
+    fp32 = PlainRegressor()
+    cast_inputs_to_weights(fp32)  # float32 weights: nothing to cast, no hook
+    assert not fp32._forward_pre_hooks
