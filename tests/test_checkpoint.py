@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import zlib
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save_file
 from torch import nn
 
@@ -66,7 +67,7 @@ def test_checkpoint_dir_holds_only_safetensors_and_json_with_full_manifest(tmp_p
     for name, entry in listed.items():
         data = (ckpt / name).read_bytes()
         assert entry['size'] == len(data)
-        assert entry['crc32'] == [zlib.crc32(data)]  # small files: one piece
+        assert entry['xxh3_64'] == [xxhash.xxh3_64_hexdigest(data)]  # small files: one piece
     assert (tmp_path / 'checkpoints' / 'latest').read_text().strip() == 'epoch_1'
     # the optimizer's momentum buffers are in the checkpoint, as tensors
     state = read_checkpoint(ckpt)['state']
@@ -83,7 +84,7 @@ def test_large_files_are_checked_in_pieces_and_any_damaged_piece_is_found(tmp_pa
     entry = json.loads((ckpt / 'manifest.json').read_text())['files']['state.safetensors']
     data = (ckpt / 'state.safetensors').read_bytes()
     assert entry['chunk_size'] == 64 and len(data) > 2 * 64
-    assert entry['crc32'] == [zlib.crc32(data[a:a + 64]) for a in range(0, len(data), 64)]
+    assert entry['xxh3_64'] == [xxhash.xxh3_64_hexdigest(data[a:a + 64]) for a in range(0, len(data), 64)]
     before = read_checkpoint(ckpt)['state']['optimizer']
     # The pieces are checked with the manifest's own piece size, whatever the default is now.
     monkeypatch.setattr(ck, 'CHECKSUM_CHUNK', 1 << 20)
@@ -92,6 +93,26 @@ def test_large_files_are_checked_in_pieces_and_any_damaged_piece_is_found(tmp_pa
     damaged[len(data) // 2] ^= 1  # one bit in a middle piece
     (ckpt / 'state.safetensors').write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match='state.safetensors is damaged: its checksum differs'):
+        read_checkpoint(ckpt)
+
+
+def test_format_2_checkpoints_with_crc32_manifests_still_load(tmp_path, tiny_parts):
+    _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=1)))
+    ckpt = tmp_path / 'checkpoints' / 'epoch_1'
+    expected = read_checkpoint(ckpt)['model']
+    manifest = json.loads((ckpt / 'manifest.json').read_text())
+    for name in manifest['files']:
+        data = (ckpt / name).read_bytes()
+        manifest['files'][name] = {'size': len(data), 'chunk_size': 64,
+                                   'crc32': [zlib.crc32(data[a:a + 64]) for a in range(0, len(data), 64)]}
+    manifest['format_version'] = 2
+    (ckpt / 'manifest.json').write_text(json.dumps(manifest))
+    loaded = read_checkpoint(ckpt)['model']
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    data = bytearray((ckpt / 'model.safetensors').read_bytes())
+    data[-1] ^= 1
+    (ckpt / 'model.safetensors').write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match='model.safetensors is damaged'):
         read_checkpoint(ckpt)
 
 
