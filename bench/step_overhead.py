@@ -233,8 +233,8 @@ def _scale_runner(ds, work: Work, custom_hooks: list, **hooks):
                                      sampler=dict(type='DefaultSampler', shuffle=False)),
                train_cfg=train_cfg,
                optim_wrapper=dict(optimizer=dict(type='AdamW', lr=LR)),
-               default_hooks=dict(logger=dict(interval=10),
-                                  checkpoint=dict(interval=-1, save_last=True), **hooks),
+               default_hooks={'logger': dict(interval=10),
+                              'checkpoint': dict(interval=-1, save_last=True), **hooks},
                custom_hooks=custom_hooks, randomness=dict(seed=SEED), accelerator=dict(cpu=not CUDA),
                log_level='WARNING')
     return r

@@ -19,7 +19,11 @@ JOB = textwrap.dedent('''
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
+    from types import SimpleNamespace
+
+    from scale_runner import ConfigError
     from scale_runner.checkpoint import CheckpointWriter, check_weights, read_checkpoint
+    from scale_runner.hooks import EMAHook
     from scale_runner.optim import OptimWrapper
     from scale_runner.sharding import is_sharded
 
@@ -44,6 +48,11 @@ JOB = textwrap.dedent('''
 
     model, wrapper = build()
     assert is_sharded(model) and wrapper._sharded is model
+    try:  # its averages would be DTensor shards: refused before training, not at a checkpoint
+        EMAHook().before_run(SimpleNamespace(model=model))
+        raise AssertionError('EMAHook accepted sharded parameters')
+    except ConfigError as e:
+        assert 'FSDP2' in str(e), e
     train(model, wrapper, 0, 3)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = CheckpointWriter(acc).write(Path(sys.argv[1]) / 'ckpt', weights,
@@ -65,7 +74,8 @@ JOB = textwrap.dedent('''
 
 def test_fsdp2_checkpoint_holds_full_tensors_and_resumes_exactly(tmp_path):
     """Saving gathers the DTensor weights and AdamW moments into full tensors (DTensors have
-    no storage to write); loading shards them back, and training continues bit for bit."""
+    no storage to write); loading shards them back, and training continues bit for bit.
+    EMAHook, which cannot average shards yet, refuses them up front."""
     (tmp_path / 'job.py').write_text(JOB)
     env = dict(os.environ, OMP_NUM_THREADS='1')
     for var in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'ACCELERATE_USE_CPU'):

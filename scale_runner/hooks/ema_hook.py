@@ -67,6 +67,10 @@ class EMAHook(Hook):
     # ---- setup ------------------------------------------------------------------------------
     def before_run(self, runner) -> None:
         model = unwrap(runner.model)
+        from ..sharding import is_sharded
+        if is_sharded(model):  # its averages would be DTensor shards a checkpoint cannot hold
+            raise ConfigError('EMAHook does not support FSDP2-sharded (DTensor) parameters yet: '
+                              'remove it from custom_hooks, or train with DDP')
         named = list(model.named_parameters())
         if self.update_buffers:
             named += list(model.named_buffers())
