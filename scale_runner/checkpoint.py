@@ -25,7 +25,7 @@ import random
 import shutil
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
 from pathlib import Path
 from typing import Any
@@ -136,13 +136,20 @@ def _write(path: Path, data: bytes) -> dict:
     return _entry(data)
 
 
-def _write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> dict:
-    """``save_file`` straight to disk (no in-memory copy of the whole file), then fsync and
-    checksum concurrently: both release the GIL, and the checksum reads from the page cache."""
-    save_file(tensors, path, metadata=metadata)
+def _write_tensors(path: Path, tensors: dict, io: ThreadPoolExecutor) -> Future:
+    """``save_file`` straight to disk (no in-memory copy of the whole file); its fsync and
+    checksum run in ``io`` (the future's result is the manifest entry), so the next file is
+    written while this one goes to the disk, as one would write both and then sync both."""
+    save_file(tensors, path)
     # safetensors creates the file 0600: give it the permissions of the other files (umask),
     # so that a team sharing a work_dir can read the checkpoints.
     os.chmod(path, 0o666 & ~_umask())
+    return io.submit(_sync_and_entry, path)
+
+
+def _sync_and_entry(path: Path) -> dict:
+    """fsync and checksum concurrently: both release the GIL, and the checksum reads from the
+    page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
         syncer = threading.Thread(target=os.fsync, args=(fd,))
@@ -201,7 +208,8 @@ def _entry(data) -> dict:
     return {'size': len(data), 'chunk_size': CHECKSUM_CHUNK, 'xxh3_64': digests}
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (its entries: renames, new files)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -230,40 +238,47 @@ class CheckpointWriter:
         rng_tensors, rng_meta = rng_state()
         _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
         _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
-        if rank_tensors:
-            _write_tensors(tmp / f'grad_{rank}.safetensors', model_tensors(rank_tensors))
-        acc.wait_for_everyone()
-        if main:
-            files = {}
-            if model_state is not None:
-                files['model.safetensors'] = _write_tensors(tmp / 'model.safetensors',
-                                                            model_tensors(model_state))
-            tensors: dict = {}
-            doc = split_tensors(state, tensors)
-            doc['format_version'] = FORMAT_VERSION
-            files['state.safetensors'] = _write_tensors(tmp / 'state.safetensors', tensors)
-            files['state.json'] = _write(tmp / 'state.json', json.dumps(doc, indent=1).encode())
-            for r in range(acc.num_processes):
-                for name in (f'rng_{r}.safetensors', f'rng_{r}.json', f'grad_{r}.safetensors'):
-                    if (tmp / name).is_file():
-                        files[name] = _entry(_read(tmp / name))
-            _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files},
-                                              indent=1).encode())
-            _fsync_dir(tmp)
-            if ckpt_dir.exists():
-                # Same name saved again (e.g. 'last'): move the old one aside, never delete first.
-                old = ckpt_dir.parent / f'.old-{ckpt_dir.name}'
-                if old.exists():
-                    shutil.rmtree(old)
-                os.rename(ckpt_dir, old)
-                os.rename(tmp, ckpt_dir)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, ckpt_dir)
-            _fsync_dir(ckpt_dir.parent)
-            set_latest(ckpt_dir)
+        with ThreadPoolExecutor(max_workers=2) as io:
+            if rank_tensors:
+                _write_tensors(tmp / f'grad_{rank}.safetensors', model_tensors(rank_tensors), io).result()
+            acc.wait_for_everyone()
+            if main:
+                self._write_main(ckpt_dir, tmp, model_state, state, io)
         acc.wait_for_everyone()
         return ckpt_dir
+
+    def _write_main(self, ckpt_dir: Path, tmp: Path, model_state: dict | None, state: dict,
+                    io: ThreadPoolExecutor) -> None:
+        """The main process's part: the model, the state, the manifest, then the renames."""
+        pending = {}
+        if model_state is not None:
+            pending['model.safetensors'] = _write_tensors(tmp / 'model.safetensors',
+                                                          model_tensors(model_state), io)
+        tensors: dict = {}
+        doc = split_tensors(state, tensors)
+        doc['format_version'] = FORMAT_VERSION
+        pending['state.safetensors'] = _write_tensors(tmp / 'state.safetensors', tensors, io)
+        files = {'state.json': _write(tmp / 'state.json', json.dumps(doc, indent=1).encode())}
+        files.update((name, job.result()) for name, job in pending.items())
+        for r in range(self.accelerator.num_processes):
+            for name in (f'rng_{r}.safetensors', f'rng_{r}.json', f'grad_{r}.safetensors'):
+                if (tmp / name).is_file():
+                    files[name] = _entry(_read(tmp / name))
+        _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files},
+                                          indent=1).encode())
+        _fsync(tmp)
+        if ckpt_dir.exists():
+            # Same name saved again (e.g. 'last'): move the old one aside, never delete first.
+            old = ckpt_dir.parent / f'.old-{ckpt_dir.name}'
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(ckpt_dir, old)
+            os.rename(tmp, ckpt_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, ckpt_dir)
+        _fsync(ckpt_dir.parent)
+        set_latest(ckpt_dir)
 
 
 def set_latest(ckpt_dir: Path) -> None:
@@ -271,7 +286,7 @@ def set_latest(ckpt_dir: Path) -> None:
     tmp = ckpt_dir.parent / f'.{LATEST}.tmp'
     _write(tmp, (ckpt_dir.name + '\n').encode())
     os.replace(tmp, ckpt_dir.parent / LATEST)
-    _fsync_dir(ckpt_dir.parent)
+    _fsync(ckpt_dir.parent)
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -694,9 +709,11 @@ def export_weights(src: str | os.PathLike, out: str | os.PathLike, ema: bool = F
             meta['ema_steps'] = str(state['hooks']['EMAHook'].get('steps', 0))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f'.{out.name}.tmp'
-    _write_tensors(tmp, model_tensors(weights), meta)
+    save_file(model_tensors(weights), tmp, metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600
+    _fsync(tmp)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    _fsync(out.parent)
     return out
 
 
