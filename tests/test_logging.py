@@ -299,3 +299,24 @@ def test_timer_window_resume_and_clear():
     w.clear()
     w.ready += [22.5]; w.ends += [23.0]; w.samples += [0]  # a batch without a first dimension
     assert w.means(1) == pytest.approx({'time': 1.0, 'data_time': 0.5})
+
+
+@pytest.mark.parametrize('extra', [{'acc "top-1"/é': 0.5}, {'epoch': 7.0}])
+def test_scalars_lines_are_what_json_dumps_writes(tmp_path, extra):
+    """scalars.jsonl is written without json.dumps on the common path (it is cheaper per
+    line); any key still comes out as json.dumps writes it, and a value named like a position
+    field replaces it, as in a dict."""
+    import types
+    from scale_runner.hooks import LoggerHook
+    hook = LoggerHook()
+    lines = []
+    hook._file = types.SimpleNamespace(write=lines.append)
+    hook._flushed = float('inf')
+    hook._trackers = types.SimpleNamespace(log=lambda *a: None)
+    runner = types.SimpleNamespace(iter=12, epoch=1)
+    values = {'lr': 1e-3, 'time': 0.1 + 0.2, 'memory': 123.0, 'loss': torch.tensor(2.5),
+              'nan': float('nan'), 'text': 'skipped', **extra}
+    hook._emit(runner, values)
+    expected = {'step': 12, 'epoch': 1, 'iter': 12, 'lr': 1e-3, 'time': 0.1 + 0.2, 'memory': 123,
+                'loss': 2.5, **extra}
+    assert lines == [json.dumps(expected) + '\n']
