@@ -3,9 +3,10 @@ against writing/reading the same tensors with ``safetensors.torch.save_file``/``
 and, when installed, against MMEngine's and Lightning's checkpoint save/load of the same model
 and optimizer.
 
-All sides write to the same directory tree. scale_runner always fsyncs, checksums (XXH3-64 per 32 MiB piece) and
-verifies; the ratios are against ``save_file`` + fsync and ``load_file`` + reading every tensor
-(``load_file`` alone only maps the file; it is shown too). Medians of --reps interleaved reps.
+All sides write to the same directory tree. scale_runner always fsyncs, checksums (XXH3-64 per
+32 MiB piece) and verifies; the ratios are against ``save_file`` + fsync and ``load_file`` +
+reading every tensor (``load_file`` alone only maps the file; it is shown too). Medians of
+--reps interleaved reps.
 
 Peers (skipped with a "not installed" line when ``importlib.util.find_spec`` finds no package):
 

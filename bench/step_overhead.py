@@ -20,11 +20,12 @@ Variants (``--variants``, comma-separated; ``plain`` always runs, as the baselin
 ``scale_runner`` (``Runner.train()`` with its default hooks: logger every 10 iterations,
 checkpoint at the end), ``scale_runner+idle`` (the same with 20 hooks that implement only
 ``before_train``), ``scale_runner-nan_guard`` (the default hooks without NanGuardHook, whose
-per-step host read of the loss is a device sync on a GPU), ``mmengine`` (MMEngine's ``Runner`` with its default hooks, logger every 10,
-checkpoint at the end), ``lightning`` (a bare ``Trainer``: no progress bar, logger,
-checkpointing or model summary) and ``lightning-defaults`` (the Trainer's default progress bar,
-logger and checkpointing, ``log_every_n_steps=10``, the loss ``self.log``'ed every step; with
-``rich`` installed Lightning 2.6 picks ``RichProgressBar``, and the table says what it used).
+per-step host read of the loss is a device sync on a GPU), ``mmengine`` (MMEngine's
+``Runner`` with its default hooks, logger every 10, checkpoint at the end), ``lightning`` (a
+bare ``Trainer``: no progress bar, logger, checkpointing or model summary) and
+``lightning-defaults`` (the Trainer's default progress bar, logger and checkpointing,
+``log_every_n_steps=10``, the loss ``self.log``'ed every step; with ``rich`` installed
+Lightning 2.6 picks ``RichProgressBar``, and the table says what it used).
 MMEngine and Lightning are skipped, with a line saying so, when not installed. The children's
 stdout is a pipe, so progress bars behave as in a non-interactive job.
 
@@ -235,7 +236,8 @@ def _scale_runner(ds, work: Work, custom_hooks: list, **hooks):
                optim_wrapper=dict(optimizer=dict(type='AdamW', lr=LR)),
                default_hooks={'logger': dict(interval=10),
                               'checkpoint': dict(interval=-1, save_last=True), **hooks},
-               custom_hooks=custom_hooks, randomness=dict(seed=SEED), accelerator=dict(cpu=not CUDA),
+               custom_hooks=custom_hooks, randomness=dict(seed=SEED),
+               accelerator=dict(cpu=not CUDA),
                log_level='WARNING')
     return r
 
@@ -266,7 +268,8 @@ def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0, **hooks) -> floa
             probe.tick()
 
     clock = Ticker() if probe.tick else Clock()
-    r = _scale_runner(_peers.dataset(work.batches), work, [clock] + _idle_hooks(idle_hooks), **hooks)
+    hooks_in = [clock] + _idle_hooks(idle_hooks)
+    r = _scale_runner(_peers.dataset(work.batches), work, hooks_in, **hooks)
     r.train()
     return float(r.log_buffer.current['loss'])
 
@@ -316,7 +319,8 @@ def child_main(args) -> None:
 # ---- the parent -------------------------------------------------------------------------------
 def run_child(key: str, mode: str, work: Work) -> dict | None:
     """Run one variant in a fresh process; ``None`` (with its stderr shown) if it failed."""
-    env = dict(os.environ, BENCH_DEVICE=DEVICE, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore',
+    env = dict(os.environ, BENCH_DEVICE=DEVICE, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+               PYTHONWARNINGS='ignore',
                TF_CPP_MIN_LOG_LEVEL='3')
     cmd = [sys.executable, __file__, '--one', key, '--mode', mode, '--batches', str(work.batches),
            '--epochs', str(work.epochs)] + (['--iter-based'] if work.iter_based else [])
@@ -654,7 +658,8 @@ def main():
     args = p.parse_args()
     global DEVICE
     DEVICE = args.device
-    if DEVICE == 'cuda' and (args.dispatch or args.pieces or args.paired or args.flat or args.calls):
+    if DEVICE == 'cuda' and (args.dispatch or args.pieces or args.paired or args.flat
+                             or args.calls):
         p.error('--device cuda times the default mode only')
     if args.one:
         child_main(args)

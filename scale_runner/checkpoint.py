@@ -240,7 +240,8 @@ class CheckpointWriter:
         _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
         with ThreadPoolExecutor(max_workers=2) as io:
             if rank_tensors:
-                _write_tensors(tmp / f'grad_{rank}.safetensors', model_tensors(rank_tensors), io).result()
+                grads = model_tensors(rank_tensors)
+                _write_tensors(tmp / f'grad_{rank}.safetensors', grads, io).result()
             acc.wait_for_everyone()
             if main:
                 self._write_main(ckpt_dir, tmp, model_state, state, io)
@@ -318,7 +319,8 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
             out[name] = _read(p)
             if len(out[name]) != entry['size']:
                 raise CheckpointError(f'{p} is damaged: its size differs from {MANIFEST}')
-            jobs[name] = (expected, _checksum_jobs(pool, out[name], chunk or max(len(out[name]), 1), fn))
+            whole = max(len(out[name]), 1)  # format 1: one checksum of the whole file
+            jobs[name] = (expected, _checksum_jobs(pool, out[name], chunk or whole, fn))
         for name, (expected, futures) in jobs.items():
             if [f.result() for f in futures] != expected:
                 raise CheckpointError(f'{ckpt_dir / name} is damaged: its checksum differs from '

@@ -203,16 +203,18 @@ class OptimWrapper:
         names, on rank 0 only."""
         if self._sharded is not None:
             from .sharding import full_optimizer_state
-            return full_optimizer_state(self._sharded, getattr(self.optimizer, 'optimizer', self.optimizer))
+            return full_optimizer_state(self._sharded, self._torch_optimizer())
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if self._sharded is not None:
             from .sharding import load_full_optimizer_state
-            load_full_optimizer_state(self._sharded, getattr(self.optimizer, 'optimizer', self.optimizer),
-                                      state)
+            load_full_optimizer_state(self._sharded, self._torch_optimizer(), state)
         else:
             self.optimizer.load_state_dict(state)
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, 'optimizer', self.optimizer)  # inside Accelerate's wrapper
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(optimizer={type(self.optimizer).__name__}, '
