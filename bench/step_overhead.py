@@ -102,6 +102,7 @@ class Probe:
     def __init__(self, mode: str):
         self.mode = mode
         self.t0 = self.t1 = None
+        self.steps_done = None  # scale_runner: when the last epoch's steps ended (before its hooks)
         self.note = ''  # what the variant used, when it is not obvious (Lightning's defaults)
         self.marks: list[float] = []
         self.ticks = 0
@@ -136,6 +137,8 @@ class Probe:
         out = {'loss': loss, 'threads': torch.get_num_threads(), 'note': self.note}
         if self.mode == 'time':
             out['seconds'] = self.t1 - self.t0
+            if self.steps_done is not None:  # the end-of-epoch hooks: the final checkpoint
+                out['tail'] = self.t1 - self.steps_done
         elif self.mode == 'calls':
             by_package = collections.Counter()
             for filename, n in self.calls.items():
@@ -260,6 +263,12 @@ def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0, **hooks) -> floa
         def before_train(self, runner):
             probe.start()
 
+        def after_train_epoch(self, runner):  # before CheckpointHook's: it saves the last one
+            if CUDA:
+                import torch
+                torch.cuda.synchronize()
+            probe.steps_done = time.perf_counter()
+
         def after_train(self, runner):
             probe.stop()
 
@@ -356,12 +365,15 @@ def chosen_variants(spec: str | None, default: str | None = None) -> list[str]:
 def time_mode(keys: list[str], steps: int, reps: int) -> None:
     work = Work(steps)
     per_step = {k: [] for k in keys}
+    tails = {k: [] for k in keys}  # seconds after the last step: the final checkpoint
     losses, notes = {}, {}
     for _ in range(reps):
         for key in keys:
             rec = run_child(key, 'time', work)
             if rec:
                 per_step[key].append(rec['seconds'] / steps * 1e6)
+                if 'tail' in rec:
+                    tails[key].append(rec['tail'])
                 print(f'  {key}: {per_step[key][-1]:.1f} µs/step', file=sys.stderr, flush=True)
                 losses[key] = rec['loss']
                 notes[key] = rec['note']
@@ -376,6 +388,12 @@ def time_mode(keys: list[str], steps: int, reps: int) -> None:
         med = statistics.median(vals)
         ratio = f'{med / base:7.3f}' if base else '      -'
         print(f'{VARIANTS[key][0]:<28} {med:14.1f} {min(vals):12.1f} {ratio}  {losses[key]!r}')
+    for key, vals in tails.items():
+        if vals and base:
+            tail = statistics.median(vals)
+            rest = statistics.median(per_step[key]) - tail / steps * 1e6
+            print(f'{VARIANTS[key][0]}: of which the final checkpoint (end-of-epoch hooks) '
+                  f'{tail * 1e3:.1f} ms; without it {rest:.1f} µs/step ({rest / base:.3f})')
     for key, note in notes.items():
         if note:
             print(f'{VARIANTS[key][0]}: {note}')
