@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import warnings
@@ -73,6 +74,51 @@ def test_checkpoint_dir_holds_only_safetensors_and_json_with_full_manifest(tmp_p
     state = read_checkpoint(ckpt)['state']
     assert state['optimizer']['state'], 'optimizer state (momentum) was not saved'
     assert state['train_state']['epoch'] == 1 and state['train_state']['iter'] == 8
+
+
+def test_save_makes_everything_durable_before_it_becomes_visible(tmp_path, monkeypatch):
+    """The crash-safety order, with the fsyncs that run at once: every file's bytes before the
+    manifest's; the manifest and the directory's entries before the rename into place; the
+    rename and the new pointer before ``latest`` is replaced, and that replace last."""
+    import threading
+    from accelerate import Accelerator
+    from scale_runner.checkpoint import CheckpointWriter
+    events, lock = [], threading.Lock()
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        with lock:
+            events.append(('fsync', os.readlink(f'/proc/self/fd/{fd}')))
+
+    def move(real, kind):
+        def f(src, dst):
+            real(src, dst)
+            with lock:
+                events.append((kind, str(src)))
+        return f
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'rename', move(real_rename, 'rename'))
+    monkeypatch.setattr(os, 'replace', move(real_replace, 'replace'))
+    model = PlainRegressor()
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / 'checkpoints'
+    CheckpointWriter(Accelerator(cpu=True)).write(root / 'iter_1', model.state_dict(),
+                                                  {'optimizer': opt.state_dict()})
+    tmp, parent = str(root / '.tmp-iter_1'), str(root)
+    at = {e: i for i, e in enumerate(events)}  # the last time each event happened
+    files = [e for e in events if e[0] == 'fsync' and e[1].startswith(tmp + '/')]
+    manifest = ('fsync', f'{tmp}/manifest.json')
+    assert {Path(f).name for _, f in files} == {'rng_0.safetensors', 'rng_0.json', 'model.safetensors',
+                                               'state.safetensors', 'state.json', 'manifest.json'}
+    assert all(at[f] < at[manifest] for f in files if f != manifest)
+    assert max(at[manifest], at[('fsync', tmp)]) < at[('rename', tmp)]
+    pointer = f'{parent}/.latest.tmp'
+    parent_syncs = [i for i, e in enumerate(events) if e == ('fsync', parent)]
+    replace = at[('replace', pointer)]
+    assert at[('rename', tmp)] < parent_syncs[0] < replace  # the rename is durable first
+    assert at[('fsync', pointer)] < replace                 # so are the pointer's bytes
+    assert replace < parent_syncs[-1] == len(events) - 1    # and the replace itself, last
 
 
 def test_large_files_are_checked_in_pieces_and_any_damaged_piece_is_found(tmp_path, tiny_parts,
