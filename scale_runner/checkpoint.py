@@ -128,13 +128,11 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 
 # ---- atomic file writing --------------------------------------------------------------------
-def _write(path: Path, data: bytes, sync: bool = True) -> dict:
-    """Write ``data`` (fsync'ed unless the caller syncs it with others: :func:`_fsync_all`)."""
+def _write(path: Path, data: bytes) -> dict:
     with open(path, 'wb') as f:
         f.write(data)
         f.flush()
-        if sync:
-            os.fsync(f.fileno())
+        os.fsync(f.fileno())
     return _entry(data)
 
 
@@ -219,14 +217,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_all(*paths: Path) -> None:
-    """fsync independent paths at once: each fsync waits on the disk, and where that takes
-    100 ms (network or virtual disks) a checkpoint's chain of them is what a save costs."""
-    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
-        for job in [pool.submit(_fsync, p) for p in paths]:
-            job.result()
-
-
 class CheckpointWriter:
     """Writes one checkpoint; every rank calls :meth:`write` (collective)."""
 
@@ -246,9 +236,8 @@ class CheckpointWriter:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         rng_tensors, rng_meta = rng_state()
-        _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors), sync=False)
-        _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode(), sync=False)
-        _fsync_all(tmp / f'rng_{rank}.safetensors', tmp / f'rng_{rank}.json')
+        _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
+        _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
         with ThreadPoolExecutor(max_workers=2) as io:
             if rank_tensors:
                 grads = model_tensors(rank_tensors)
@@ -277,8 +266,8 @@ class CheckpointWriter:
                 if (tmp / name).is_file():
                     files[name] = _entry(_read(tmp / name))
         _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files},
-                                          indent=1).encode(), sync=False)
-        _fsync_all(tmp / MANIFEST, tmp)  # every file's bytes are durable: now its entries
+                                          indent=1).encode())
+        _fsync(tmp)
         if ckpt_dir.exists():
             # Same name saved again (e.g. 'last'): move the old one aside, never delete first.
             old = ckpt_dir.parent / f'.old-{ckpt_dir.name}'
@@ -289,15 +278,14 @@ class CheckpointWriter:
             shutil.rmtree(old)
         else:
             os.rename(tmp, ckpt_dir)
-        set_latest(ckpt_dir)  # its first fsync of the parent also makes the rename durable
+        _fsync(ckpt_dir.parent)
+        set_latest(ckpt_dir)
 
 
 def set_latest(ckpt_dir: Path) -> None:
-    """Atomically point ``<checkpoints>/latest`` at ``ckpt_dir``: the new pointer's bytes and
-    the directory (the checkpoint's own rename included) are durable before the replace."""
+    """Atomically point ``<checkpoints>/latest`` at ``ckpt_dir``."""
     tmp = ckpt_dir.parent / f'.{LATEST}.tmp'
-    _write(tmp, (ckpt_dir.name + '\n').encode(), sync=False)
-    _fsync_all(tmp, ckpt_dir.parent)
+    _write(tmp, (ckpt_dir.name + '\n').encode())
     os.replace(tmp, ckpt_dir.parent / LATEST)
     _fsync(ckpt_dir.parent)
 
