@@ -8,16 +8,19 @@ Every function here is collective: every rank calls it.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether any parameter of ``module`` is a ``DTensor`` (FSDP2, tensor parallelism)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return False  # no DTensor without a process group: skip importing its machinery
-    from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    # No DTensor exists before its module is imported (FSDP2 imports it): checking for it this
+    # way spares every other run the 0.8 s import.
+    tensor_module = sys.modules.get('torch.distributed.tensor')
+    if tensor_module is None:
+        return False
+    return any(isinstance(p, tensor_module.DTensor) for p in module.parameters())
 
 
 def _full(**kwargs):
