@@ -9,6 +9,7 @@ weights everywhere. Every run is a fresh child process (``OMP_NUM_THREADS=1``,
     python bench/step_overhead.py --steps 3000 --reps 5        # per-step time, every variant
     python bench/step_overhead.py --steps 3000 --reps 5 --variants scale_runner,mmengine
     python bench/step_overhead.py --paired --steps 6000         # paired chunks, one process
+    python bench/step_overhead.py --paired --defaults --steps 6000  # the same, nothing configured
     python bench/step_overhead.py --calls --steps 300           # Python calls per step
     python bench/step_overhead.py --dispatch --steps 3000       # cost of 20 idle hooks
     python bench/step_overhead.py --pieces --steps 3000         # each part of a step, in place
@@ -214,9 +215,11 @@ def accelerate_loop(probe: Probe, work: Work) -> float:
     return _hand_written(model, opt, loader, acc.backward, probe, work)
 
 
-def _scale_runner(ds, work: Work, custom_hooks: list, **hooks):
+def _scale_runner(ds, work: Work, custom_hooks: list, defaults: bool = False, **hooks):
     """A scale_runner Runner with its default hooks (logger every 10 iterations, checkpoint at
-    the end), no validation; the model is built after the runner seeds, like the plain loop's."""
+    the end), no validation; the model is built after the runner seeds, like the plain loop's.
+    ``defaults``: what a user who configures nothing runs instead: an iteration loop, SGD, the
+    default hooks exactly as they are (checkpoint policy included), log level INFO."""
     import torch
     from scale_runner import Runner
 
@@ -228,6 +231,13 @@ def _scale_runner(ds, work: Work, custom_hooks: list, **hooks):
         def forward(self, x, y):
             return torch.nn.functional.mse_loss(self.net(x), y)
 
+    if defaults:
+        return Runner(model=dict(type=Net), work_dir=tempfile.mkdtemp(),
+                      train_dataloader=dict(dataset=ds, batch_size=BATCH),
+                      train_cfg=dict(by_epoch=False, max_iters=work.epochs * work.batches),
+                      optim_wrapper=dict(optimizer=dict(type='SGD', lr=LR)),
+                      default_hooks=hooks, custom_hooks=custom_hooks, randomness=dict(seed=SEED),
+                      accelerator=dict(cpu=not CUDA))
     if work.iter_based:
         train_cfg = dict(by_epoch=False, max_iters=work.epochs * work.batches)
     else:
@@ -457,11 +467,12 @@ def flat_mode(keys: list[str], steps: int) -> None:
 CHUNK = 100
 
 
-def paired_mode(steps: int) -> None:
+def paired_mode(steps: int, defaults: bool = False) -> None:
     import torch
     from scale_runner import Hook
     _peers.quiet()
     F = torch.nn.functional
+    optimizer = torch.optim.SGD if defaults else torch.optim.AdamW
 
     def cycle(loader):
         while True:
@@ -488,11 +499,11 @@ def paired_mode(steps: int) -> None:
 
         def before_train(self, runner):
             model = _peers.mlp()
-            self.loops = {'plain': baseline(model, torch.optim.AdamW(model.parameters(), lr=LR),
+            self.loops = {'plain': baseline(model, optimizer(model.parameters(), lr=LR),
                                             _peers.loader(_peers.dataset(steps)), torch.Tensor.backward)}
             acc = runner.accelerator  # a hand-written loop on the same Accelerator
             model = _peers.mlp()
-            prepared = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR),
+            prepared = acc.prepare(model, optimizer(model.parameters(), lr=LR),
                                    _peers.loader(_peers.dataset(steps)))
             self.loops['accelerate loop'] = baseline(*prepared, acc.backward)
             self.mark = time.perf_counter()
@@ -506,9 +517,12 @@ def paired_mode(steps: int) -> None:
                 times[name].append(self.loops[name]())
             self.mark = time.perf_counter()
 
-    _scale_runner(_peers.dataset(steps), Work(steps), [Pair()]).train()
+    _scale_runner(_peers.dataset(steps), Work(steps), [Pair()], defaults=defaults).train()
     plain = times['plain']
-    print(f'{steps} steps of each loop in {len(plain)} paired chunks of {CHUNK} steps, one process')
+    what = ('defaults: iteration loop, SGD, default hooks, INFO' if defaults
+            else 'tuned: epoch loop, AdamW, logger every 10, checkpoint at the end, WARNING')
+    print(f'{steps} steps of each loop in {len(plain)} paired chunks of {CHUNK} steps, one '
+          f'process; scale_runner {what}')
     print(f'{"loop":<18} {"us/step (median chunk)":>23} {"ratio to plain: median":>23} '
           f'{"quartiles":>15} {"of sums":>8}')
     for name, vals in times.items():
@@ -661,6 +675,9 @@ def main():
     p.add_argument('--dispatch', action='store_true', help='instead: cost of 20 idle hooks')
     p.add_argument('--pieces', action='store_true',
                    help="instead: each part of scale_runner's step, timed in place")
+    p.add_argument('--defaults', action='store_true',
+                   help='with --paired: scale_runner as configured by nobody (iteration loop, SGD, '
+                        'default hooks, INFO; the baselines use SGD too)')
     p.add_argument('--paired', action='store_true',
                    help='instead: scale_runner, plain and Accelerate loops in paired chunks in one process')
     p.add_argument('--flat', type=int, metavar='STEPS',
@@ -686,7 +703,7 @@ def main():
     elif args.pieces:
         pieces_mode(args.steps)
     elif args.paired:
-        paired_mode(args.steps)
+        paired_mode(args.steps, args.defaults)
     elif args.flat:
         flat_mode(chosen_variants(args.variants, FLAT_VARIANTS), args.flat)
     elif args.calls:

@@ -11,6 +11,7 @@ __version__ = '0.1.0'
 
 _EXPORTS = {
     'Runner': 'runner', 'Config': 'config', 'ConfigDict': 'config', 'ConfigError': 'errors',
+    'ModelOutputError': 'errors',
     'Registry': 'registry', 'RUNNERS': 'registry', 'LOOPS': 'registry', 'HOOKS': 'registry',
     'MODELS': 'registry', 'DATASETS': 'registry', 'DATA_SAMPLERS': 'registry',
     'FUNCTIONS': 'registry', 'OPTIMIZERS': 'registry', 'OPTIM_WRAPPERS': 'registry',

@@ -14,6 +14,9 @@ def _parser() -> argparse.ArgumentParser:
         prog='scale-runner',
         description='Train, validate and test models from config files (MMEngine-style runner on '
                     'Hugging Face Accelerate). Multi-process: accelerate launch -m scale_runner train CFG')
+    p.add_argument('--debug', action='store_true',
+                   help='show the full traceback of config and checkpoint errors '
+                        '(also: environment variable SCALE_RUNNER_DEBUG=1)')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     def common(sp):
@@ -48,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument('output', help='output .safetensors file (weights only)')
     ex.add_argument('--ema', action='store_true',
                     help="the EMAHook's average instead of the training weights")
+    for sp in sub.choices.values():  # also after the command: scale-runner train CFG --debug
+        sp.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                        help='show the full traceback of config and checkpoint errors')
     return p
 
 
@@ -137,11 +143,17 @@ def _jsonable(value):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from os import environ
     from .errors import ConfigError
+    debug = args.debug or (environ.get('SCALE_RUNNER_DEBUG', '').strip().lower()
+                           not in ('', '0', 'false', 'no'))
+    more = '\n(--debug or SCALE_RUNNER_DEBUG=1 shows the full traceback)'
     try:
         return run(args)
     except ConfigError as e:
-        print(f'scale-runner: config error: {e}', file=sys.stderr)
+        if debug:
+            raise
+        print(f'scale-runner: config error: {e}{more if e.__cause__ else ""}', file=sys.stderr)
         return 2
     except BrokenPipeError:  # `scale-runner hooks CFG | head`
         sys.stderr.close()
@@ -149,11 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # A checkpoint that is missing, damaged or does not fit: say so, without a traceback.
         ckpt = sys.modules.get(f'{__package__}.checkpoint')  # imported only if a run got that far
-        if ckpt is None or not isinstance(e, ckpt.CheckpointError):
+        if debug or ckpt is None or not isinstance(e, ckpt.CheckpointError):
             raise
-        print(f'scale-runner: checkpoint error: {e}', file=sys.stderr)
+        print(f'scale-runner: checkpoint error: {e}{more if e.__cause__ else ""}', file=sys.stderr)
         return 1
 
 
+def entry() -> None:
+    """The ``scale-runner`` command and ``python -m scale_runner``: :func:`main`, then an exit
+    that a finished multi-process run cannot abort (see :mod:`scale_runner.shutdown`)."""
+    from .shutdown import exit_code, exit_process
+    try:
+        code = main()
+    except BaseException as e:  # as the interpreter would report it, but exit through ours
+        code = exit_code(e)
+        if not isinstance(e, SystemExit):
+            sys.excepthook(type(e), e, e.__traceback__)
+    exit_process(code)
+
+
 if __name__ == '__main__':
-    raise SystemExit(main())
+    entry()

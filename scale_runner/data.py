@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import random
 from typing import Any, Iterator
@@ -9,8 +10,9 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .errors import ConfigError
-from .registry import DATA_SAMPLERS, DATASETS, FUNCTIONS, call_with_cfg
+from .checks import check_against_defaults, check_dataloader_args, check_sampler_args
+from .errors import ConfigError, did_you_mean
+from .registry import DATA_SAMPLERS, DATASETS, FUNCTIONS, _binding_message, call_with_cfg
 
 _PIECE = 4096  # indices converted to Python ints at a time (a shuffled order)
 
@@ -157,10 +159,17 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
         return cfg
     cfg = dict(cfg)
     if 'dataset' not in cfg:
+        near = did_you_mean('dataset', [k for k in cfg if isinstance(k, str)])
+        hint = f'; {where}.{near} is not a key: did you mean {where}.dataset?' if near else ''
         raise ConfigError(f'{where}.dataset is missing: a dataloader config needs '
-                          f"dataset=dict(type=...) (got keys {sorted(cfg)})")
+                          f"dataset=dict(type=...) (got keys {sorted(cfg)}){hint}")
+    _check_loader_keys(cfg, where)  # misspelt keys and bad values, before the dataset is built
+    sampler_cfg = cfg.get('sampler', dict(type='DefaultSampler', shuffle=False))
+    check_dataloader_args(cfg, where, has_sampler=sampler_cfg is not None)
+    if isinstance(sampler_cfg, dict):
+        check_sampler_args(sampler_cfg, f'{where}.sampler')
     dataset = DATASETS.build(cfg.pop('dataset'), _cfg_path=f'{where}.dataset')
-    sampler_cfg = cfg.pop('sampler', dict(type='DefaultSampler', shuffle=False))
+    cfg.pop('sampler', None)
     if isinstance(sampler_cfg, dict):
         sampler_cfg = dict(sampler_cfg)
         sampler_cfg.setdefault('type', 'DefaultSampler')
@@ -179,7 +188,25 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
     else:
         cfg.pop('persistent_workers', None)
     return call_with_cfg(DataLoader, dict(dataset=dataset, sampler=sampler, collate_fn=collate, **cfg),
-                         where)
+                         where, check=_check_loader_values, wrap_errors=True,
+                         # built here (from the user's sampler/collate_fn configs) or by the runner
+                         internal_keys=('dataset', 'sampler', 'collate_fn', 'generator',
+                                        'worker_init_fn'))
+
+
+def _check_loader_keys(cfg: dict, where: str) -> None:
+    """Every key of a dataloader section is a ``DataLoader`` parameter (or sampler/collate_fn)."""
+    sig = inspect.signature(DataLoader)
+    kwargs = dict(cfg, dataset=None)
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(_binding_message(sig, kwargs, where, DataLoader, e)) from None
+
+
+def _check_loader_values(obj, kwargs: dict, where: str) -> None:
+    # batch_size=None (no batching) is valid: check_dataloader_args checked it already
+    check_against_defaults(obj, {k: v for k, v in kwargs.items() if k != 'batch_size'}, where)
 
 
 def resolve_function(fn: Any, where: str) -> Any:

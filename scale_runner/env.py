@@ -24,6 +24,7 @@ DDP_KEYS = ('find_unused_parameters', 'broadcast_buffers', 'bucket_cap_mb', 'sta
 OTHER_KEYS = ('dataloader_config', 'deepspeed', 'fsdp', 'dynamo', 'compile', 'timeout')
 ACCELERATOR_KEYS = PASS_THROUGH + DDP_KEYS + OTHER_KEYS
 RANDOMNESS_KEYS = ('seed', 'deterministic', 'diff_rank_seed')
+MIXED_PRECISION = ('no', 'fp16', 'bf16', 'fp8')
 
 
 def _check_keys(cfg: dict, valid: tuple, section: str) -> None:
@@ -42,6 +43,9 @@ def accelerator_kwargs(cfg: dict, accumulative_counts: int = 1) -> dict:
     """Translate the ``accelerator`` config section into ``Accelerator(**kwargs)``."""
     cfg = dict(cfg or {})
     _check_keys(cfg, ACCELERATOR_KEYS, 'accelerator')
+    if cfg.get('mixed_precision') is not None and cfg['mixed_precision'] not in MIXED_PRECISION:
+        raise ConfigError(f'accelerator.mixed_precision = {cfg["mixed_precision"]!r} is not valid: '
+                          f'it takes one of {", ".join(map(repr, MIXED_PRECISION))}')
     kwargs = {k: cfg[k] for k in PASS_THROUGH if k in cfg}
     handlers = list(kwargs.pop('kwargs_handlers', []) or [])
     if isinstance(cfg.get('dataloader_config'), dict):
@@ -211,4 +215,7 @@ def set_randomness(accelerator, seed: int | None = None, deterministic: bool = F
 def check_randomness(cfg: Any) -> dict:
     cfg = dict(cfg or {})
     _check_keys(cfg, RANDOMNESS_KEYS, 'randomness')
+    for key in ('deterministic', 'diff_rank_seed'):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise ConfigError(f'randomness.{key} = {cfg[key]!r} is not valid: it takes True or False')
     return cfg

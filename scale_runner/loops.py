@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .data import get_sampler, set_epoch
+from .checks import bad_value
 from .errors import ConfigError
 from .model import eval_step, train_step, train_step_of
 from .registry import LOOPS
@@ -93,6 +94,10 @@ class _TrainLoop(BaseLoop):
     def __init__(self, runner, dataloader, val_begin: int, val_interval: int,
                  dynamic_intervals: list | None):
         super().__init__(runner, dataloader)
+        for key, value in (('val_begin', val_begin), ('val_interval', val_interval)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f'train_cfg.{key} = {value!r} is not valid: it takes an int >= 0 '
+                                  f'(in epochs for an epoch-based loop, iterations otherwise)')
         self.val_begin = val_begin
         self.val_interval = val_interval
         self.stop_training = False
@@ -146,6 +151,15 @@ class _TrainLoop(BaseLoop):
     def _set_epoch(self, epoch: int) -> None:
         set_epoch(self.dataloader, epoch)
 
+    def _pass_done(self) -> bool:
+        """Whether the position is the end of a pass: resumed from a checkpoint written after a
+        pass's last batch. Such a pass is not iterated again (an empty pass would still draw
+        the loader's base seed from the RNG, which the uninterrupted run does not)."""
+        try:
+            return self._runner.state.inner_iter >= len(self.dataloader) > 0
+        except TypeError:  # no length: an iterable dataset
+            return False
+
 
 @LOOPS.register_module()
 class EpochBasedTrainLoop(_TrainLoop):
@@ -156,8 +170,8 @@ class EpochBasedTrainLoop(_TrainLoop):
     def __init__(self, runner, dataloader, max_epochs: int, val_begin: int = 1,
                  val_interval: int = 1, dynamic_intervals: list | None = None):
         super().__init__(runner, dataloader, val_begin, val_interval, dynamic_intervals)
-        if not isinstance(max_epochs, int) or max_epochs < 1:
-            raise ConfigError(f'train_cfg.max_epochs must be a positive int, got {max_epochs!r}')
+        if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
+            raise bad_value('train_cfg.max_epochs', max_epochs, 'a positive int', 'max_epochs=10')
         state = runner.state
         state.max_epochs = max_epochs
         state.max_iters = max_epochs * len(self.dataloader)
@@ -175,13 +189,13 @@ class EpochBasedTrainLoop(_TrainLoop):
         runner, state = self.runner, self.runner.state
         self._set_epoch(state.epoch)
         runner.call_hook('before_train_epoch')
-        self._start_at(state.inner_iter)
-        for idx, data_batch in enumerate(self.dataloader, start=state.inner_iter):
-            self.run_iter(idx, data_batch)
+        if not self._pass_done():  # else the epoch only has to end
+            self._start_at(state.inner_iter)
+            for idx, data_batch in enumerate(self.dataloader, start=state.inner_iter):
+                self.run_iter(idx, data_batch)
         state.epoch += 1
         state.inner_iter = 0
         runner.call_hook('after_train_epoch')
-
 
 
 @LOOPS.register_module()
@@ -193,8 +207,8 @@ class IterBasedTrainLoop(_TrainLoop):
     def __init__(self, runner, dataloader, max_iters: int, val_begin: int = 1,
                  val_interval: int = 1000, dynamic_intervals: list | None = None):
         super().__init__(runner, dataloader, val_begin, val_interval, dynamic_intervals)
-        if not isinstance(max_iters, int) or max_iters < 1:
-            raise ConfigError(f'train_cfg.max_iters must be a positive int, got {max_iters!r}')
+        if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+            raise bad_value('train_cfg.max_iters', max_iters, 'a positive int', 'max_iters=1000')
         runner.state.max_iters = max_iters
         runner.state.max_epochs = None
 
@@ -215,6 +229,8 @@ class IterBasedTrainLoop(_TrainLoop):
     def _batches(self):
         """Endless ``(batch_idx, batch)`` pairs; a new pass bumps ``epoch`` and reshuffles."""
         state = self.runner.state
+        if self._pass_done():
+            self._next_pass()
         self._start_at(state.inner_iter)
         while True:
             yielded = False
@@ -224,9 +240,13 @@ class IterBasedTrainLoop(_TrainLoop):
             if not yielded:
                 raise ConfigError('the train dataloader is empty: check train_dataloader.dataset '
                                   'and batch_size / drop_last')
-            state.epoch += 1
-            state.inner_iter = 0
-            self._set_epoch(state.epoch)
+            self._next_pass()
+
+    def _next_pass(self) -> None:
+        state = self.runner.state
+        state.epoch += 1
+        state.inner_iter = 0
+        self._set_epoch(state.epoch)
 
 
 class _EvalLoop(BaseLoop):

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ModelOutputError
+
 
 NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one serves every step
 
@@ -41,16 +43,19 @@ def parse_losses(outputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 log_vars[key] = value.detach()
         if total is None:
-            raise TypeError(f'the model returned a dict with keys {list(outputs.keys())} but none '
-                            f"contains 'loss'; return a loss tensor or a dict with a 'loss' key")
+            raise ModelOutputError(
+                f'model: the model returned a dict with keys {list(outputs.keys())} but none '
+                f"contains 'loss', so there is nothing to train on; return a loss tensor or a dict "
+                f"with a 'loss' key (in training mode, e.g. when the labels are given)")
         # The total is always logged as 'loss' (as in MMEngine), also for a single 'loss_x' key.
         log_vars['loss'] = total.detach() if isinstance(total, torch.Tensor) else total
         return total, log_vars
     loss = getattr(outputs, 'loss', None)
     if isinstance(loss, torch.Tensor):
         return loss, {'loss': loss.detach()}
-    raise TypeError(f'cannot find a loss in the model output of type {type(outputs).__name__}: '
-                    f"return a tensor, a dict with 'loss' keys, or an object with a .loss attribute")
+    raise ModelOutputError(
+        f'model: cannot find a loss in the model output of type {type(outputs).__name__}: '
+        f"return a tensor, a dict with 'loss' keys, or an object with a .loss attribute")
 
 
 # Wrapper classes (by name, so none of their modules is imported) and where the inner module is.

@@ -5,7 +5,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .checks import bad_value, check_number, check_optimizer_args, is_number
+from .errors import ConfigError, did_you_mean
 from .model import NO_CONTEXT
 from .registry import OPTIM_WRAPPERS, OPTIMIZERS
 
@@ -31,11 +32,7 @@ class OptimWrapper:
             raise ConfigError(f'optim_wrapper.accumulative_counts must be a positive int, '
                               f'got {accumulative_counts!r}')
         if clip_grad is not None:
-            clip_grad = dict(clip_grad)
-            unknown = set(clip_grad) - {'max_norm', 'norm_type', 'clip_value'}
-            if unknown or not ({'max_norm', 'clip_value'} & set(clip_grad)):
-                raise ConfigError(f'optim_wrapper.clip_grad must be dict(max_norm=..., norm_type=2) '
-                                  f'or dict(clip_value=...), got {clip_grad!r}')
+            clip_grad = _check_clip_grad(clip_grad)
         self.optimizer = optimizer
         self.accumulative_counts = accumulative_counts
         self.clip_grad = clip_grad
@@ -221,6 +218,34 @@ class OptimWrapper:
                 f'accumulative_counts={self.accumulative_counts}, clip_grad={self.clip_grad})')
 
 
+CLIP_KEYS = ('max_norm', 'norm_type', 'clip_value')
+
+
+def _check_clip_grad(clip_grad: Any) -> dict:
+    where = 'optim_wrapper.clip_grad'
+    usage = 'dict(max_norm=..., norm_type=2) or dict(clip_value=...)'
+    if not isinstance(clip_grad, dict):
+        raise ConfigError(f'{where} = {clip_grad!r} is not valid: it takes {usage} (or None)')
+    clip_grad = dict(clip_grad)
+    for key in clip_grad:
+        if key not in CLIP_KEYS:
+            near = did_you_mean(str(key), CLIP_KEYS)
+            did = f': did you mean {where}.{near}?' if near else ''
+            raise ConfigError(f'{where}.{key} = {clip_grad[key]!r} is not a clip_grad key{did} '
+                              f'({where} takes {usage})')
+    if not ({'max_norm', 'clip_value'} & set(clip_grad)):
+        raise ConfigError(f'{where} = {clip_grad!r} needs max_norm or clip_value: it takes {usage}')
+    if 'max_norm' in clip_grad:
+        check_number(clip_grad['max_norm'], f'{where}.max_norm', low=0, low_open=True,
+                     example='max_norm=1.0')
+    if 'clip_value' in clip_grad:
+        check_number(clip_grad['clip_value'], f'{where}.clip_value', low=0, low_open=True)
+    norm_type = clip_grad.get('norm_type', 2)
+    if not (norm_type in ('inf', 'fro') or (is_number(norm_type) and norm_type > 0)):
+        raise bad_value(f'{where}.norm_type', norm_type, "a number > 0 or 'inf'", 'norm_type=2')
+    return clip_grad
+
+
 def build_optim_wrapper(cfg: Any, model: torch.nn.Module) -> OptimWrapper:
     """Build ``optim_wrapper=dict(optimizer=dict(type='AdamW', lr=...), clip_grad=..., ...)``."""
     if isinstance(cfg, OptimWrapper):
@@ -228,14 +253,26 @@ def build_optim_wrapper(cfg: Any, model: torch.nn.Module) -> OptimWrapper:
     if isinstance(cfg, torch.optim.Optimizer):
         return OptimWrapper(cfg)
     if not isinstance(cfg, dict):
-        raise ConfigError(f'optim_wrapper must be a dict or an OptimWrapper, got {type(cfg).__name__}')
+        raise ConfigError(f'optim_wrapper = {cfg!r} is not valid: it takes a dict, e.g. '
+                          f"optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)), or an "
+                          f'OptimWrapper (got a {type(cfg).__name__})')
     cfg = dict(cfg)
     cfg.setdefault('type', 'OptimWrapper')
     optimizer = cfg.get('optimizer')
     if optimizer is None:
+        near = did_you_mean('optimizer', [k for k in cfg if isinstance(k, str) and k != 'type'])
+        if near is not None:
+            raise ConfigError(f'optim_wrapper.{near} = {cfg[near]!r} is not an optim_wrapper key: '
+                              f'did you mean optim_wrapper.optimizer? (optim_wrapper.optimizer '
+                              f"is missing: e.g. optim_wrapper=dict(optimizer=dict(type='AdamW', "
+                              f'lr=1e-3)))')
         raise ConfigError("optim_wrapper.optimizer is missing: e.g. "
                           "optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3))")
     if isinstance(optimizer, dict):
         cfg['optimizer'] = OPTIMIZERS.build(optimizer, _cfg_path='optim_wrapper.optimizer',
+                                            _check=check_optimizer_args, _wrap_errors=True,
                                             params=model.parameters())
+    elif not isinstance(optimizer, torch.optim.Optimizer) and not hasattr(optimizer, 'step'):
+        raise ConfigError(f'optim_wrapper.optimizer = {optimizer!r} is not valid: it takes '
+                          f"dict(type='AdamW', lr=1e-3, ...) or a built torch optimizer")
     return OPTIM_WRAPPERS.build(cfg, _cfg_path='optim_wrapper')

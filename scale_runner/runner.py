@@ -13,7 +13,7 @@ from .checkpoint import (CheckpointError, CheckpointWriter, candidates, check_we
                          collect_state, find_resumable, partial_gradients, read_checkpoint,
                          read_model_weights, resolve_resume, restore_state)
 from .config import Config
-from .errors import ConfigError, edit_distance
+from .errors import ConfigError, closest, edit_distance
 from .hooks.hook import STAGES, Hook, bind_point, check_hook_points, get_priority
 from .logs import LogBuffer, close_logger, make_logger
 from .registry import HOOKS, LOOPS, MODELS, RUNNERS
@@ -59,6 +59,9 @@ class Runner:
         self._accelerator_cfg = accelerator
         self._randomness_cfg = randomness
         self._resume = resolve_resume(resume)
+        if experiment_name is not None and not isinstance(experiment_name, str):
+            raise ConfigError(f'experiment_name = {experiment_name!r} is not valid: it takes a string '
+                              f'(the run directory name under work_dir) or None (a timestamp)')
         self.load_from = load_from
         self.experiment_name = experiment_name
         self.log_level = log_level
@@ -81,6 +84,8 @@ class Runner:
     @classmethod
     def from_cfg(cls, cfg: dict | Config) -> 'Runner':
         cfg = cfg if isinstance(cfg, Config) else Config(cfg)
+        from .registry import check_data_types  # a .yaml/.json config is data: refuse an unsafe
+        check_data_types(cfg)                   # dotted type before anything is built
         names = [p for p in inspect.signature(cls.__init__).parameters if p not in ('self', 'cfg')]
         for key in cfg:
             if key in names or key.startswith('_') or key in ('runner_type', 'custom_imports'):
@@ -123,6 +128,9 @@ class Runner:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.setup_env()
         acc = self.accelerator
+        if acc.num_processes > 1:  # so a finished script under torchrun cannot abort at exit
+            from .shutdown import register_drain
+            register_drain()
         if self.experiment_name is None:
             stamp = [_fresh_name(self.work_dir, time.strftime('%Y%m%d_%H%M%S'))]
             if acc.num_processes > 1:
@@ -188,13 +196,17 @@ class Runner:
         if not isinstance(cfg, dict):
             return cfg
         cfg = dict(cfg)
+        if 'by_epoch' in cfg and not isinstance(cfg['by_epoch'], bool):
+            raise ConfigError(f'train_cfg.by_epoch = {cfg["by_epoch"]!r} is not valid: it takes True '
+                              f'(EpochBasedTrainLoop) or False (IterBasedTrainLoop)')
         if 'type' not in cfg:
-            by_epoch = cfg.pop('by_epoch', 'max_iters' not in cfg)
+            by_epoch = cfg.pop('by_epoch', 'max_iters' not in cfg and not _near_max_iters(cfg))
             cfg['type'] = 'EpochBasedTrainLoop' if by_epoch else 'IterBasedTrainLoop'
         else:
             cfg.pop('by_epoch', None)
         loader = self.build_dataloader(self._parts['train_dataloader'], 'train_dataloader')
-        return LOOPS.build(cfg, _cfg_path='train_cfg', runner=self, dataloader=loader)
+        return LOOPS.build(cfg, _cfg_path='train_cfg', _cfg_extra_keys=('by_epoch',), runner=self,
+                           dataloader=loader)
 
     def build_eval_loop(self, stage: str):
         cfg = self._parts[f'{stage}_cfg']
@@ -326,13 +338,14 @@ class Runner:
         if isinstance(hook, dict):
             hook = dict(hook)
             priority = hook.pop('priority', priority)
-            hook = HOOKS.build(hook, _cfg_path=where)
+            hook = HOOKS.build(hook, _cfg_path=where, _cfg_extra_keys=('priority',))
         if not isinstance(hook, Hook):
             raise ConfigError(f'{where}: a hook must be a Hook instance or dict(type=...), got '
                               f'{hook!r} ({type(hook).__name__})')
         check_hook_points(hook)
         hook.priority = get_priority(hook.priority if priority is None else priority,
-                                     f'{type(hook).__name__}.priority')
+                                     f'{where}.priority' if priority is not None
+                                     else f'{type(hook).__name__}.priority')
         pos = len(self._hooks)
         while pos and self._hooks[pos - 1].priority > hook.priority:
             pos -= 1
@@ -344,13 +357,22 @@ class Runner:
             return
         self._hooks_registered = True
         merged = dict(DEFAULT_HOOKS)
+        if default_hooks is not None and not isinstance(default_hooks, dict):
+            raise ConfigError(f'default_hooks = {default_hooks!r} is not valid: it takes a dict '
+                              f'of hooks by name, e.g. default_hooks=dict(logger=dict(interval=10))')
+        if custom_hooks is not None and not isinstance(custom_hooks, (list, tuple)):
+            raise ConfigError(f'custom_hooks = {custom_hooks!r} is not valid: it takes a list, '
+                              f"e.g. custom_hooks=[dict(type='EMAHook')]")
         for name, cfg in (default_hooks or {}).items():
             if cfg is None:
                 merged.pop(name, None)
             elif isinstance(cfg, dict) and 'type' not in cfg:
                 if name not in DEFAULT_HOOKS:
+                    near = closest(str(name), DEFAULT_HOOKS, n=1)
+                    did = f' Did you mean default_hooks.{near[0]}?' if near else ''
                     raise ConfigError(f'default_hooks.{name} has no type and is not a default hook '
-                                      f'({", ".join(DEFAULT_HOOKS)}): add type=...')
+                                      f'({", ".join(DEFAULT_HOOKS)}):{did} Or add type=... '
+                                      f'to make it a hook of its own.')
                 merged[name] = {**DEFAULT_HOOKS[name], **cfg}
             else:
                 merged[name] = cfg
@@ -403,6 +425,15 @@ def _fresh_name(work_dir: Path, stamp: str) -> str:
         i += 1
         name = f'{stamp}_{i}'
     return name
+
+
+def _near_max_iters(train_cfg: dict) -> bool:
+    """A key that looks like a misspelt ``max_iters`` (and not ``max_epochs``): the loop is then
+    iteration-based, so the error names the misspelling and ``max_iters``."""
+    if 'max_epochs' in train_cfg:
+        return False
+    return any(isinstance(k, str) and edit_distance(k, 'max_iters') <= 2
+               and edit_distance(k, 'max_iters') < edit_distance(k, 'max_epochs') for k in train_cfg)
 
 
 def _safe_len(obj) -> int | None:

@@ -10,13 +10,16 @@ import inspect
 import math
 from typing import Any
 
-from .errors import ConfigError
+from .checks import check_bool, check_number, check_scheduler_args
+from .errors import ConfigError, did_you_mean
 from .registry import PARAM_SCHEDULERS
 
 # Constructor parameters that measure a schedule length: they default to ``end - begin`` and
 # are converted from epochs to iterations by ``convert_to_iter_based``.
 LENGTH_PARAMS = ('total_iters', 'T_max', 'step_size', 'T_0')
 MILESTONE_PARAMS = ('milestones',)
+# Keys of a ``param_scheduler`` entry read by the runner, not by the scheduler's constructor.
+SCHEDULE_KEYS = ('begin', 'end', 'by_epoch', 'convert_to_iter_based')
 
 
 class ParamScheduler:
@@ -65,6 +68,9 @@ def build_param_schedulers(cfg: Any, optimizer, epoch_length: int | None) -> lis
     for i, one in enumerate(cfgs):
         where = f'param_scheduler[{i}]' if isinstance(cfg, (list, tuple)) else 'param_scheduler'
         if not isinstance(one, dict):
+            if not callable(getattr(one, 'step', None)):
+                raise ConfigError(f"{where} = {one!r} is not valid: it takes dict(type="
+                                  f"'CosineAnnealingLR', ...) (or a list of them) or a built scheduler")
             built.append(one)
             continue
         one = dict(one)
@@ -72,11 +78,27 @@ def build_param_schedulers(cfg: Any, optimizer, epoch_length: int | None) -> lis
         end = one.pop('end', math.inf)
         by_epoch = one.pop('by_epoch', True)
         convert = one.pop('convert_to_iter_based', False)
+        check_number(begin, f'{where}.begin', low=0, example='begin=0')
+        check_number(end, f'{where}.end', low=0, allow_none=True, example='end=1000')
+        check_bool(by_epoch, f'{where}.by_epoch')
+        check_bool(convert, f'{where}.convert_to_iter_based')
         if end is None:
             end = math.inf
         if not 0 <= begin < end:
             raise ConfigError(f'{where}: need 0 <= begin < end, got begin={begin}, end={end}')
+        if 'type' not in one:
+            near = did_you_mean('type', [k for k in one if isinstance(k, str)])
+            hint = f' ({where}.{near} is not a key: did you mean {where}.type?)' if near else ''
+            raise ConfigError(f"{where} needs a type, e.g. dict(type='CosineAnnealingLR'){hint}")
+        try:
+            cls = PARAM_SCHEDULERS.get(one['type'])
+        except KeyError as e:
+            raise ConfigError(f'{where}.type: {e.args[0] if e.args else e}') from None
+        if cls is None:
+            raise ConfigError(f"{where}.type is None: name a scheduler, e.g. type='CosineAnnealingLR'")
         if convert and by_epoch:
+            # the values are checked before they are multiplied (a string would be repeated)
+            check_scheduler_args(cls, {k: v for k, v in one.items() if k != 'type'}, where)
             if not epoch_length:
                 raise ConfigError(f'{where}.convert_to_iter_based needs a train dataloader with a length')
             begin, end = begin * epoch_length, end * epoch_length
@@ -87,15 +109,14 @@ def build_param_schedulers(cfg: Any, optimizer, epoch_length: int | None) -> lis
                 if key in one:
                     one[key] = [m * epoch_length for m in one[key]]
             by_epoch = False
-        cls = PARAM_SCHEDULERS.get(one.get('type')) if 'type' in one else None
-        if cls is None:
-            raise ConfigError(f"{where} needs a type, e.g. dict(type='CosineAnnealingLR')")
         if math.isfinite(end):
             params = inspect.signature(cls).parameters
             for key in LENGTH_PARAMS:
                 if key in params and key not in one and key != 'step_size':
                     one[key] = end - begin
-        sched = PARAM_SCHEDULERS.build(one, _cfg_path=where, optimizer=optimizer)
+        sched = PARAM_SCHEDULERS.build(one, _cfg_path=where, optimizer=optimizer,
+                                       _cfg_extra_keys=SCHEDULE_KEYS, _check=check_scheduler_args,
+                                       _wrap_errors=True)
         wrapped = ParamScheduler(sched, begin, end, by_epoch, optimizer)
         if begin > 0:
             # Not active yet: undo the lr change its constructor made.

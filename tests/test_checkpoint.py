@@ -575,7 +575,7 @@ def _val_scores(runner) -> list[float]:
 
 def test_save_best_auto_keeps_only_the_best_and_publishes_it(tmp_path, tiny_parts):
     runner = _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=4),
-                                  default_hooks=dict(checkpoint=dict(save_best='auto'))))
+                                  default_hooks=dict(checkpoint=dict(save_best='auto', max_keep_ckpts=-1))))
     scores = _val_scores(runner)
     assert len(scores) == 4
     best_epoch = min(range(4), key=scores.__getitem__) + 1
@@ -611,7 +611,7 @@ def test_save_best_state_survives_resume(tmp_path, tiny_parts):
                                        ('loss', 'less'), ('val/perplexity', 'less'),
                                        ('error_rate', 'less'), ('mse', 'less')])
 def test_rule_is_inferred_for_common_names(key, rule):
-    from scale_runner.hooks.checkpoint_hook import infer_rule
+    from scale_runner.metric_rules import infer_rule
     assert infer_rule(key) == rule
 
 

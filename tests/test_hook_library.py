@@ -293,7 +293,7 @@ class Poisoned(PlainRegressor):
 def test_guard_raise_stops_at_the_bad_iteration_and_saves_nothing_after(tmp_path, tiny_parts, value, kind):
     model = Poisoned(bad={5}, value=value)
     runner = Runner(**tiny_parts(tmp_path, model=model, default_hooks=dict(
-        logger=None, checkpoint=dict(by_epoch=False, interval=1))))
+        logger=None, checkpoint=dict(by_epoch=False, interval=1, max_keep_ckpts=-1))))
     with pytest.raises(NonFiniteLossError, match=rf'iteration 5 \(epoch 1\) \[rank 0: {kind}\]'):
         runner.train()
     assert runner.iter == 4

@@ -107,7 +107,7 @@ val_evaluator = dict(type='MSE')
 val_cfg = dict()
 train_cfg = dict(by_epoch=True, max_epochs=3)
 optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.01))
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(by_epoch=False, interval=1))
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(by_epoch=False, interval=1, max_keep_ckpts=-1))
 custom_hooks = [dict(type='Probe'), dict(type='SyncBuffersHook'), dict(type='EMAHook', momentum=0.3)]
 randomness = dict(seed=0)
 experiment_name = 'run'

@@ -152,7 +152,8 @@ KILLS = {
     'epoch': {
         'mid_epoch': ['iter:7'],
         'before_save': ['iter:10'],
-        'after_save': ['after_save:10'],      # resumes from iter_10: the end of epoch 1
+        'after_save': ['after_save:10'],      # resumes from iter_10: the end of epoch 1's pass,
+                                              # written before the epoch's end hooks ran
         'epoch_boundary': ['epoch:1'],
         'during_val': ['val:10'],
         'twice': ['iter:7', 'iter:8'],        # the resumed run dies before its first save
@@ -165,12 +166,18 @@ KILLS = {
         'epoch_boundary': ['iter:11'],        # resumes from iter_9, crosses the pass boundary
         'during_val': ['val:10'],
         'twice': ['iter:4', 'iter:14'],
+        'end_of_pass': ['after_save:10'],     # iter_10 (interval 5): the pass is complete
     },
 }
+# Checkpoint intervals that differ from make_cfg's, per (loop, case); saving changes nothing
+# of the training, so the baseline is the same.
+CKPT_INTERVAL = {('iter', 'end_of_pass'): 5}
 
 
-def make_cfg(loop: str = 'iter', nproc: int = 1, workers: int = 0) -> dict:
+def make_cfg(loop: str = 'iter', nproc: int = 1, workers: int = 0,
+             ckpt_interval: int | None = None) -> dict:
     epoch = loop == 'epoch'
+    ckpt_interval = ckpt_interval or (5 if epoch else 3)
     return dict(
         custom_imports=dict(imports=[PARTS_MODULE]),
         model=dict(type='DropoutNet'),
@@ -187,7 +194,7 @@ def make_cfg(loop: str = 'iter', nproc: int = 1, workers: int = 0) -> dict:
         param_scheduler=[
             dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2),
             dict(type='CosineAnnealingLR', by_epoch=False, begin=2, end=8, eta_min=1e-4)],
-        default_hooks=dict(checkpoint=dict(by_epoch=False, interval=5 if epoch else 3),
+        default_hooks=dict(checkpoint=dict(by_epoch=False, interval=ckpt_interval),
                            logger=dict(interval=5)),
         custom_hooks=[dict(type='KillHook'), dict(type='LateKillHook'), dict(type='SignalHook')],
         randomness=dict(seed=7),
@@ -299,7 +306,7 @@ def baseline(tmp_path_factory, parts_dir, loop, nproc=1, workers=0) -> bytes:
 
 
 def kill_and_resume(tmp_path, parts_dir, loop, case, nproc=1, workers=0, via='fork') -> bytes:
-    cfg = make_cfg(loop, nproc, workers)
+    cfg = make_cfg(loop, nproc, workers, CKPT_INTERVAL.get((loop, case)))
     work = tmp_path / 'work'
     for i, kill in enumerate(KILLS[loop][case]):
         if via == 'fork':
@@ -325,6 +332,8 @@ def kill_and_resume(tmp_path, parts_dir, loop, case, nproc=1, workers=0, via='fo
     ('epoch', 'twice', 0),          # killed twice in a row, the second time before any save
     ('epoch', 'during_val', 0),     # killed during validation
     ('iter', 'epoch_boundary', 2),  # dataloader workers, crossing a pass boundary
+    ('iter', 'end_of_pass', 0),     # resumed from a checkpoint written after a pass's last batch
+    ('epoch', 'after_save', 0),     # the same point in an epoch loop, before the epoch ends
 ])
 def test_sigkill_and_resume_is_byte_identical(tmp_path, tmp_path_factory, parts_dir, loop, case,
                                               workers):
@@ -427,7 +436,8 @@ MATRIX = ([(loop, case, 1, 0) for loop in KILLS for case in KILLS[loop]]
              for workers in (0, 2) for case in ('mid_epoch', 'twice')
              if (nproc, workers) != (1, 0)]
           + [(loop, case, 2, 0) for loop in KILLS
-             for case in ('before_save', 'after_save', 'epoch_boundary', 'during_val')])
+             for case in ('before_save', 'after_save', 'epoch_boundary', 'during_val')]
+          + [('iter', 'end_of_pass', 2, 0)])
 
 
 @pytest.mark.slow

@@ -26,8 +26,10 @@ JOB = textwrap.dedent('''
     from scale_runner.hooks import EMAHook
     from scale_runner.optim import OptimWrapper
     from scale_runner.sharding import is_sharded
+    from scale_runner.shutdown import register_drain
 
     acc = Accelerator(cpu=True)  # the gloo process group of the two ranks
+    register_drain()  # what Runner does: no abort at interpreter exit (scale_runner.shutdown)
 
     def build():
         torch.manual_seed(0)

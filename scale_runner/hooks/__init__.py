@@ -11,8 +11,9 @@ from .nan_guard_hook import NanGuardHook, NonFiniteLossError
 from .profiler_hook import ProfilerHook
 from .empty_cache_hook import EmptyCacheHook
 from .sync_buffers_hook import SyncBuffersHook
+from .preemption_hook import PreemptionHook
 
 __all__ = ['Hook', 'PRIORITIES', 'STAGES', 'get_priority', 'CheckpointHook', 'IterTimerHook',
            'LoggerHook', 'ParamSchedulerHook', 'DistSamplerSeedHook',
            'EMAHook', 'EarlyStoppingHook', 'NanGuardHook', 'NonFiniteLossError', 'ProfilerHook',
-           'EmptyCacheHook', 'SyncBuffersHook']
+           'EmptyCacheHook', 'SyncBuffersHook', 'PreemptionHook']

@@ -4,47 +4,40 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
+from ..collective import agree_max, cpu_group
 from ..errors import ConfigError
-from ..preemption import PreemptionHook
+from ..metric_rules import RULES, infer_rule
 from ..registry import HOOKS
 from .hook import Hook
+from .preemption_hook import PreemptionHook
 
-# ``rule`` inferred from the metric name (as in MMEngine); anything else needs an explicit rule.
-GREATER_KEYS = ('acc', 'accuracy', 'top', 'f1', 'precision', 'recall', 'map', 'ap', 'auc', 'iou',
-                'miou', 'psnr', 'ssim', 'bleu', 'rouge', 'r2')
-LESS_KEYS = ('loss', 'error', 'err', 'perplexity', 'ppl', 'mse', 'mae', 'rmse', 'wer', 'cer')
-RULES = {'greater': lambda a, b: a > b, 'less': lambda a, b: a < b}
-
-
-def infer_rule(key: str) -> str:
-    """``'greater'`` or ``'less'`` from a metric name such as ``val/accuracy`` or ``top1_acc``."""
-    tokens = [t for t in re.split(r'[^a-z0-9]+', key.lower()) if t]
-    found = set()
-    for rule, names in (('greater', GREATER_KEYS), ('less', LESS_KEYS)):
-        if any(t in names or t.rstrip('0123456789') in names for t in tokens):
-            found.add(rule)
-    if not found:  # substrings: 'mAP50', 'bbox_mAP', 'val_loss_total'
-        for rule, names in (('greater', GREATER_KEYS), ('less', LESS_KEYS)):
-            if any(len(n) > 2 and n in key.lower() for n in names):
-                found.add(rule)
-    if len(found) != 1:
-        raise ConfigError(
-            f'default_hooks.checkpoint: cannot tell whether a greater or a smaller {key!r} is '
-            f"better; set rule='greater' or rule='less' (or a list of rules, one per save_best key)")
-    return found.pop()
+DEFAULT_TIME_INTERVAL = 1800  # s: iteration loops with interval=None; epoch loops save every epoch
 
 
 @HOOKS.register_module()
 class CheckpointHook(Hook):
     """Save every ``interval`` epochs (``by_epoch``) or iterations, and at the end (``save_last``).
 
-    ``by_epoch=None`` follows the train loop. ``max_keep_ckpts`` keeps the newest N periodic
-    checkpoints; older ones are deleted only after a newer one is completely written.
-    ``filename_tmpl`` defaults to ``'epoch_{}'`` / ``'iter_{}'``. Nothing is saved before
-    ``save_begin`` (epochs or iterations). ``save_optimizer`` / ``save_param_scheduler=False``
-    leave those states out (such a checkpoint cannot be resumed exactly).
+    The default policy, for a run that configures nothing (``interval=None``): every epoch in
+    an epoch loop; in an iteration loop every ``DEFAULT_TIME_INTERVAL`` seconds (30 minutes) of
+    wall-clock time, so a fast small model does not save every few seconds and a slow large
+    one is not left hours without a checkpoint; always at the end; and only the newest
+    ``max_keep_ckpts=3`` periodic checkpoints are kept (``-1`` keeps all). The policy in force
+    is logged once when training starts.
+
+    ``time_interval`` (seconds): also save when that much time has passed since the last save
+    (or the start), checked after every iteration; the ranks agree on it in the all-reduce that
+    preemption already does (named ``iter_<N>`` in an epoch loop too).
+
+    ``by_epoch=None`` follows the train loop. Older checkpoints are deleted only after a newer
+    one is completely written. ``filename_tmpl`` defaults to ``'epoch_{}'`` / ``'iter_{}'``.
+    Nothing is saved before ``save_begin`` (epochs or iterations). ``save_optimizer`` /
+    ``save_param_scheduler=False`` leave those states out (such a checkpoint cannot be resumed
+    exactly).
 
     ``save_best``: ``'auto'`` (the first metric of each validation), a metric key, or a list
     of keys. After every validation during training whose metric beats the best so far (by
@@ -56,19 +49,23 @@ class CheckpointHook(Hook):
 
     ``preemption=True`` (default) handles SIGTERM / SIGINT / SIGUSR1 during training: a
     checkpoint ``preempt_iter_<N>`` at the next iteration boundary, then exit ``128 + signum``
-    (see :mod:`scale_runner.preemption`); ``preemption=False`` leaves signals alone.
+    (see :mod:`scale_runner.hooks.preemption_hook`); ``preemption=False`` leaves signals alone.
     """
 
     priority = 'VERY_LOW'
 
-    def __init__(self, interval: int = 1, by_epoch: bool | None = None, save_optimizer: bool = True,
-                 save_param_scheduler: bool = True, out_dir: str | None = None,
-                 max_keep_ckpts: int = -1, save_last: bool = True, save_begin: int = 0,
+    def __init__(self, interval: int | None = None, by_epoch: bool | None = None,
+                 save_optimizer: bool = True, save_param_scheduler: bool = True,
+                 out_dir: str | None = None, max_keep_ckpts: int = 3, save_last: bool = True, save_begin: int = 0,
                  filename_tmpl: str | None = None, save_best: str | list | None = None,
                  rule: str | list | None = None, max_keep_best: int = 1,
-                 preemption: bool | dict = True):
-        if not isinstance(interval, int):
-            raise ConfigError(f'default_hooks.checkpoint.interval must be an int, got {interval!r}')
+                 preemption: bool | dict = True, time_interval: float | None = None):
+        if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool)):
+            raise ConfigError(f'default_hooks.checkpoint.interval must be an int (<= 0: only at the '
+                              f'end) or None (the default policy), got {interval!r}')
+        if not isinstance(max_keep_ckpts, int) or isinstance(max_keep_ckpts, bool) or max_keep_ckpts == 0:
+            raise ConfigError(f'default_hooks.checkpoint.max_keep_ckpts must be a positive int, or -1 '
+                              f'to keep every checkpoint, got {max_keep_ckpts!r}')
         if filename_tmpl is not None and (not isinstance(filename_tmpl, str) or '{}' not in filename_tmpl):
             raise ConfigError(f"default_hooks.checkpoint.filename_tmpl must be a string with '{{}}' "
                               f"for the epoch/iteration, e.g. 'epoch_{{}}', got {filename_tmpl!r}")
@@ -78,7 +75,13 @@ class CheckpointHook(Hook):
         if not isinstance(max_keep_best, int) or max_keep_best == 0:
             raise ConfigError(f'default_hooks.checkpoint.max_keep_best must be a non-zero int '
                               f'(-1 keeps every best checkpoint), got {max_keep_best!r}')
+        if time_interval is not None and (isinstance(time_interval, bool)
+                                          or not isinstance(time_interval, (int, float))
+                                          or not time_interval > 0):
+            raise ConfigError(f'default_hooks.checkpoint.time_interval must be a positive number of '
+                              f'seconds (e.g. 1800) or None, got {time_interval!r}')
         self.interval = interval
+        self.time_interval = time_interval
         self.by_epoch = by_epoch
         self.save_optimizer = save_optimizer
         self.save_param_scheduler = save_param_scheduler
@@ -125,11 +128,42 @@ class CheckpointHook(Hook):
             self.by_epoch = runner.state.max_epochs is not None
         if self.filename_tmpl is None:
             self.filename_tmpl = 'epoch_{}' if self.by_epoch else 'iter_{}'
+        if self.interval is None:
+            self.interval = 1 if self.by_epoch else 0
+            if not self.by_epoch and self.time_interval is None:
+                self.time_interval = DEFAULT_TIME_INTERVAL
+        self._next_time = time.monotonic() + (self.time_interval or 0)
+        self._group = None  # for the clock's agreement when no PreemptionHook does it
+        if self.time_interval and self.preemption is None and runner.accelerator.num_processes > 1:
+            self._group = cpu_group()
         self.root = Path(self.out_dir) if self.out_dir else runner.checkpoint_dir
+        runner.logger.info(f'checkpoints in {self.root}: {self.policy()}')
         self._training = True
         self._publish(runner)
         if self.preemption is not None:
             self.preemption.before_train(runner)
+
+    def policy(self) -> str:
+        """The checkpoint policy in words, e.g. ``every 1000 iterations and at the end, ...``."""
+        unit = 'epoch' if self.by_epoch else 'iteration'
+        when = [f'every {self.interval} {unit}s' if self.interval > 1 else f'every {unit}'] \
+            if self.interval > 0 else []
+        if self.time_interval:
+            t = self.time_interval
+            when.append(f'every {t:g} s' if t < 60 else f'every {t / 60:.3g} min' if t < 3600
+                        else f'every {t / 3600:.3g} h')
+        if self.save_last:
+            when.append('at the end')
+        if self.save_begin:
+            when.append(f'from {unit} {self.save_begin}')
+        keep = 'all kept' if self.max_keep_ckpts < 0 else f'the newest {self.max_keep_ckpts} kept'
+        text = f'{" and ".join(when) or "never (interval <= 0, save_last=False)"}, {keep}'
+        if self.save_best:
+            text += f'; best by {", ".join(self.save_best)} (newest {self.max_keep_best} kept)'
+        if self.preemption is not None:
+            names = ', '.join(signal.Signals(s).name for s in self.preemption.signals)
+            text += f'; on {names}: a checkpoint, then exit 128+signal'
+        return text
 
     def after_train(self, runner) -> None:
         self._training = False
@@ -146,10 +180,17 @@ class CheckpointHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         state = runner.state
-        if not self.by_epoch and self._due(state.iter, state.max_iters):
+        signum, late = 0, int(self.time_interval is not None and time.monotonic() >= self._next_time)
+        if self.preemption is not None:  # one agreement for both (multi-process only)
+            signum, late = self.preemption.agree(late)
+        elif self._group is not None:
+            late = agree_max([late], self._group)[0]
+        if not self.by_epoch and (late or self._due(state.iter, state.max_iters)):
             self._save(runner, state.iter)
-        if self.preemption is not None:
-            self.preemption.after_train_iter(runner, batch_idx)
+        elif late:  # an epoch loop: the clock's checkpoint is named by its iteration
+            self._save(runner, state.iter, 'iter_{}')
+        if signum:
+            self.preemption.preempt(runner, signum)
 
     def _due(self, progress: int, last: int | None) -> bool:
         if progress < self.save_begin:
@@ -161,9 +202,11 @@ class CheckpointHook(Hook):
         runner.save_checkpoint(self.root / name, save_optimizer=self.save_optimizer,
                                save_param_scheduler=self.save_param_scheduler)
         self.last_saved_iter = runner.iter
+        if self.time_interval:
+            self._next_time = time.monotonic() + self.time_interval
 
-    def _save(self, runner, progress: int) -> None:
-        name = self.filename_tmpl.format(progress)
+    def _save(self, runner, progress: int, template: str | None = None) -> None:
+        name = (template or self.filename_tmpl).format(progress)
         # Listed before saving, so the checkpoint's own copy of the list includes itself.
         if name in self._saved:
             self._saved.remove(name)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 from ..errors import ConfigError
+from ..metric_rules import RULES, infer_rule
 from ..registry import HOOKS
-from .checkpoint_hook import RULES, infer_rule
 from .hook import Hook
 
 

@@ -19,8 +19,9 @@ FIRST_KEYS = ('lr', 'eta', 'time', 'data_time', 'samples_per_s', 'tokens_per_s',
 
 @HOOKS.register_module()
 class LoggerHook(Hook):
-    """Every ``interval`` iterations: the window mean (MMEngine's LogProcessor) of losses,
-    times and throughput, the current lr, the ETA and peak GPU memory. Lines read like MMEngine's::
+    """Every ``interval`` iterations (50 by default, as Lightning's ``log_every_n_steps``;
+    MMEngine's is 10): the window mean (MMEngine's LogProcessor) of losses, times and
+    throughput, the current lr, the ETA and peak GPU memory. Lines read like MMEngine's::
 
         Epoch(train) [2][ 40/100]  lr: 1.0000e-03  eta: 0:01:12  time: 0.0510  data_time: 0.0020  loss: 0.4123
         Iter(train) [ 400/5000]  lr: ...
@@ -37,7 +38,7 @@ class LoggerHook(Hook):
 
     priority = 'BELOW_NORMAL'
 
-    def __init__(self, interval: int = 10, by_epoch: bool | None = None, ignore_last: bool = True,
+    def __init__(self, interval: int = 50, by_epoch: bool | None = None, ignore_last: bool = True,
                  log_metric_by_epoch: bool = True, progress_bar: bool | None = None):
         if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
             from ..errors import ConfigError

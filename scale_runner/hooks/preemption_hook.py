@@ -1,4 +1,4 @@
-"""Preemption: a signal asks for a checkpoint at the next iteration boundary, then an exit.
+"""PreemptionHook: a signal asks for a checkpoint at the next iteration boundary, then an exit.
 
 SIGTERM, SIGINT and SIGUSR1 only record the signal (the handler does nothing else, so a
 signal can never interrupt a checkpoint being written; a second one during the save is
@@ -18,8 +18,9 @@ import signal
 import subprocess
 import threading
 
-from .hooks.hook import Hook
-from .registry import HOOKS
+from ..collective import agree_max, cpu_group
+from ..registry import HOOKS
+from .hook import Hook
 
 SIGNALS = ('SIGTERM', 'SIGINT', 'SIGUSR1')
 
@@ -55,7 +56,7 @@ class PreemptionHook(Hook):
     def before_train(self, runner) -> None:
         self._world = runner.accelerator.num_processes
         if self._world > 1 and self._group is None:
-            self._group = _cpu_group()
+            self._group = cpu_group()
         if threading.current_thread() is not threading.main_thread():
             runner.logger.warning('PreemptionHook: not in the main thread, signals are not handled')
             return
@@ -73,10 +74,14 @@ class PreemptionHook(Hook):
     def after_run(self, runner) -> None:
         self._restore()
 
+    def agree(self, *flags: int) -> list[int]:
+        """The signal received (0: none) and ``flags``, each the largest over all ranks: one
+        CPU all-reduce, which other per-iteration decisions (CheckpointHook's clock) share."""
+        values = [self.signum, *flags]
+        return agree_max(values, self._group) if self._world > 1 else values
+
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        signum = self.signum
-        if self._world > 1:
-            signum = _agree(signum, self._group)
+        signum = self.agree()[0]
         if signum:
             self.preempt(runner, signum)
 
@@ -103,24 +108,6 @@ class PreemptionHook(Hook):
                               f'(checkpoint {path})')
         runner.accelerator.wait_for_everyone()
         raise Preempted(code)
-
-
-def _cpu_group():
-    """A gloo group of all ranks (created collectively), or the default group when that is
-    gloo already. Its all-reduce of a CPU integer involves no accelerator: no device sync."""
-    import torch.distributed as dist
-    if dist.get_backend() == 'gloo':
-        return dist.group.WORLD
-    return dist.new_group(backend='gloo')
-
-
-def _agree(signum: int, group) -> int:
-    """The largest signal number any rank received (0: none) — one tiny all-reduce on the CPU."""
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor([signum], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t[0])
 
 
 def _requeue(logger, job_id: str) -> None:
