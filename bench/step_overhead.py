@@ -264,7 +264,8 @@ def _idle_hooks(n: int) -> list:
     return [Idle() for _ in range(n)]
 
 
-def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0, **hooks) -> float:
+def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0, defaults: bool = False,
+                 **hooks) -> float:
     from scale_runner import Hook
 
     class Clock(Hook):
@@ -288,7 +289,7 @@ def scale_runner(probe: Probe, work: Work, idle_hooks: int = 0, **hooks) -> floa
 
     clock = Ticker() if probe.tick else Clock()
     hooks_in = [clock] + _idle_hooks(idle_hooks)
-    r = _scale_runner(_peers.dataset(work.batches), work, hooks_in, **hooks)
+    r = _scale_runner(_peers.dataset(work.batches), work, hooks_in, defaults, **hooks)
     r.train()
     return float(r.log_buffer.current['loss'])
 
@@ -317,6 +318,8 @@ VARIANTS = {
     'scale_runner': ('scale_runner', scale_runner, None),
     'scale_runner+idle': (f'scale_runner+{IDLE_HOOKS} idle hooks',
                           lambda p, w: scale_runner(p, w, idle_hooks=IDLE_HOOKS), None),
+    'scale_runner-defaults': ('scale_runner, nothing configured',
+                              lambda p, w: scale_runner(p, w, defaults=True), None),
     'scale_runner-nan_guard': ('scale_runner, no nan_guard',
                                lambda p, w: scale_runner(p, w, nan_guard=None), None),
     'mmengine': ('mmengine', mmengine, 'mmengine'),

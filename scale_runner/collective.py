@@ -1,6 +1,40 @@
-"""Small agreements between ranks, on the CPU, so that a GPU run never syncs its device for
-them: a gloo group of all ranks and an element-wise maximum of a few integers."""
+"""The few agreements between ranks, in one place. Each is a no-op on one process.
+
+- :func:`from_main`: a small Python object decided on the main process, the same on all;
+- :func:`gather`: one small Python object per rank, in rank order, on every rank;
+- :func:`agree_max`: a few integers' maxima (a flag any rank raised), over a CPU (gloo)
+  group, so a GPU run never syncs its device for them: :func:`cpu_group`.
+
+Tensors of data (a NaN guard's losses, buffers, metrics) are reduced where they live, on
+their device, by the code that owns them.
+"""
 from __future__ import annotations
+
+from typing import Any
+
+
+def _world() -> int:
+    import sys
+    dist = sys.modules.get('torch.distributed')  # nothing to agree on if it was never imported
+    return dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else 1
+
+
+def from_main(obj: Any) -> Any:
+    """The main process's ``obj`` on every rank (picklable objects only)."""
+    if _world() == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+    box = [obj]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def gather(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if _world() == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+    return gather_object([obj])
 
 
 def cpu_group():

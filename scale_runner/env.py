@@ -136,8 +136,8 @@ def check_train_setup(accelerator, dataloader, optim_wrapper) -> None:
     """
     n = _safe_len(dataloader)
     if accelerator.num_processes > 1 and n is not None:
-        from accelerate.utils import gather_object
-        lengths = gather_object([n])
+        from .collective import gather
+        lengths = gather(n)
         if len(set(lengths)) > 1:
             raise ConfigError(
                 f'the train dataloader has {lengths} batches on ranks 0..{len(lengths) - 1}: ranks '
@@ -200,12 +200,11 @@ def _has_accelerator() -> bool:
 def set_randomness(accelerator, seed: int | None = None, deterministic: bool = False,
                    diff_rank_seed: bool = False) -> int:
     """Seed python/numpy/torch identically on every rank (or per rank); return the seed."""
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import set_seed
+
+    from .collective import from_main
     if seed is None:
-        seed = [random.randrange(2**31)]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(seed)
-        seed = seed[0]
+        seed = from_main(random.randrange(2**31))
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f'randomness.seed must be an int or None, got {seed!r}')
     set_seed(seed, device_specific=diff_rank_seed, deterministic=deterministic)

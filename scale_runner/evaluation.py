@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .collective import gather
 from .errors import ConfigError
 from .registry import EVALUATORS, METRICS
 
@@ -90,10 +91,7 @@ class BaseMetric:
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self, size: int | None = None) -> dict:
         results, tags = self._payload()
-        payloads = [(results, tags)]
-        if self._num_processes() > 1:
-            from accelerate.utils import gather_object
-            payloads = gather_object(payloads)
+        payloads = gather((results, tags))
         keep = merge_tags([t for _, t in payloads], size, type(self).__name__)
         if keep is None:  # untagged results: concatenate in rank order, cut at size
             merged = [r for res, _ in payloads for r in res]
@@ -500,12 +498,8 @@ class TorchMetric(BaseMetric):
     def evaluate(self, size: int | None = None) -> dict:
         import torch
         results, tags = self._payload()
-        tags_per_rank = [tags]
-        rank = 0
-        if self._num_processes() > 1:
-            from accelerate.utils import gather_object
-            tags_per_rank = gather_object(tags_per_rank)
-            rank = self.accelerator.process_index
+        tags_per_rank = gather(tags)
+        rank = self.accelerator.process_index if self._num_processes() > 1 else 0
         keep = merge_tags(tags_per_rank, size, self.name)
         if keep is None:
             if self._num_processes() > 1:

@@ -93,22 +93,6 @@ class LogBuffer:
         if source not in self._sources:
             self._sources.append(source)
 
-    def keys(self, stage: str = 'train'):
-        keys = dict.fromkeys(self._windows.get(stage, {}))
-        for source in self._sources:
-            keys.update(dict.fromkeys(source.window_means(stage)))
-        return keys.keys()
-
-    def mean(self, key: str, stage: str = 'train') -> float:
-        values = self._windows.get(stage, {}).get(key)
-        if not values:
-            for source in self._sources:
-                means = source.window_means(stage)
-                if key in means:
-                    return means[key]
-            values = [self.current[key]]
-        return sum(to_floats(values)) / len(values)
-
     def means(self, stage: str = 'train') -> dict[str, float]:
         """The mean of every key of the window (one device transfer for all tensor values)."""
         window = self._windows.get(stage, {})

@@ -47,8 +47,11 @@ def _numpy_random():
 class BaseLoop:
     """A loop over ``dataloader`` (a config dict is built through the runner).
 
-    ``run_iter(idx, data_batch)`` runs one step in the loop's ``mode`` and returns the outputs;
-    ``run()`` calls the hooks around it. Subclasses with an evaluator default to ``'val'`` mode.
+    The convention of every loop, built-in or custom: ``run()`` fires the hooks, and
+    ``run_iter(idx, data_batch)`` only runs one step in the loop's ``mode`` (``'train'``,
+    ``'val'``, ``'test'``; subclasses with an evaluator default to ``'val'``) and returns its
+    outputs. So a custom loop that overrides ``run_iter`` keeps every hook of its ``run()``
+    (logging, checkpoints, schedulers for a train loop).
     """
 
     mode: str | None = None
@@ -113,8 +116,9 @@ class _TrainLoop(BaseLoop):
             self.val_interval = self._intervals[i - 1]
 
     def _validate_if_due(self, progress: int, last: int) -> None:
-        self._update_val_interval(progress)
-        val_loop = self.runner.val_loop
+        if self._milestones:
+            self._update_val_interval(progress)
+        val_loop = self._runner.val_loop
         if (val_loop is not None and progress >= self.val_begin and self.val_interval > 0
                 and (progress % self.val_interval == 0 or progress == last)):
             # Validation must not change training's randomness: a checkpoint written before it
@@ -122,20 +126,28 @@ class _TrainLoop(BaseLoop):
             with preserved_rng():
                 self.last_val_metrics = val_loop.run()
 
-    def run_iter(self, idx: int, data_batch: Any) -> Any:
+    def train_iter(self, idx: int, data_batch: Any) -> Any:
+        """One iteration with its hooks: ``before_train_iter``, ``run_iter``, the counters,
+        ``after_train_iter`` (both train loops' bodies call this)."""
         runner = self._runner
-        state = runner.state
         runner.call_hook('before_train_iter', batch_idx=idx, data_batch=data_batch)
-        model = runner.model
-        if not model.training:
-            model.train()
-        if model is not self._step_model:  # resolved once per model, not every step
-            self._step_model, self._step = model, train_step_of(model)
-        outputs = self._step(data_batch, runner.optim_wrapper)
+        outputs = self.run_iter(idx, data_batch)
+        state = runner.state
         state.iter += 1
         state.inner_iter = idx + 1
         runner.call_hook('after_train_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)
         return outputs
+
+    def run_iter(self, idx: int, data_batch: Any) -> Any:
+        """One train step (``BaseLoop.run_iter``'s, with the step function resolved once per
+        model instead of every step)."""
+        runner = self._runner
+        model = runner.model
+        if not model.training:
+            model.train()
+        if model is not self._step_model:
+            self._step_model, self._step = model, train_step_of(model)
+        return self._step(data_batch, runner.optim_wrapper)
 
     def _start_at(self, batches_done: int) -> None:
         """Make the next pass over the dataloader skip ``batches_done`` batches, unread."""
@@ -192,7 +204,7 @@ class EpochBasedTrainLoop(_TrainLoop):
         if not self._pass_done():  # else the epoch only has to end
             self._start_at(state.inner_iter)
             for idx, data_batch in enumerate(self.dataloader, start=state.inner_iter):
-                self.run_iter(idx, data_batch)
+                self.train_iter(idx, data_batch)
         state.epoch += 1
         state.inner_iter = 0
         runner.call_hook('after_train_epoch')
@@ -220,7 +232,7 @@ class IterBasedTrainLoop(_TrainLoop):
         batches = self._batches()
         while state.iter < state.max_iters and not self.stop_training:
             idx, data_batch = next(batches)
-            self.run_iter(idx, data_batch)
+            self.train_iter(idx, data_batch)
             self._validate_if_due(state.iter, state.max_iters)
         runner.call_hook('after_train_epoch')
         runner.call_hook('after_train')

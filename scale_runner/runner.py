@@ -132,11 +132,8 @@ class Runner:
             from .shutdown import register_drain
             register_drain()
         if self.experiment_name is None:
-            stamp = [_fresh_name(self.work_dir, time.strftime('%Y%m%d_%H%M%S'))]
-            if acc.num_processes > 1:
-                from accelerate.utils import broadcast_object_list
-                broadcast_object_list(stamp)
-            self.experiment_name = stamp[0]
+            from .collective import from_main
+            self.experiment_name = from_main(_fresh_name(self.work_dir, time.strftime('%Y%m%d_%H%M%S')))
         self.log_dir = self.work_dir / self.experiment_name
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.log_dir / (f'{self.experiment_name}.log' if acc.is_main_process
@@ -416,6 +413,12 @@ class Runner:
     def close(self) -> None:
         if self.logger is not None:
             close_logger(self.logger)
+
+    def __enter__(self) -> 'Runner':
+        return self
+
+    def __exit__(self, *exc) -> None:  # ``with Runner(...) as r:`` closes the log handlers
+        self.close()
 
 
 def _fresh_name(work_dir: Path, stamp: str) -> str:

@@ -1,6 +1,8 @@
 """Loops: exact hook call sequences, the seed document's custom loop, early stop."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import PlainRegressor, RegressionData
@@ -8,7 +10,7 @@ from conftest import PlainRegressor, RegressionData
 from scale_runner import BaseMetric, Runner
 from scale_runner.hooks import STAGES, Hook
 from scale_runner.registry import DATASETS, HOOKS, LOOPS, METRICS
-from scale_runner.loops import BaseLoop
+from scale_runner.loops import BaseLoop, IterBasedTrainLoop
 
 
 class Recorder(Hook):
@@ -304,3 +306,43 @@ def test_val_begin_and_dynamic_intervals(tmp_path, tiny_parts):
     runner.train()
     assert [e for p, e, _, _ in rec.calls if p == 'before_val'] == [2, 3, 4, 6]
     runner.close()
+
+
+# ---- one convention: run() fires the hooks, run_iter only steps ------------------------------
+@LOOPS.register_module(force=True)
+class ScaledLossLoop(IterBasedTrainLoop):
+    """A custom train loop that overrides only ``run_iter`` (here: the generic step, counted)."""
+
+    steps = 0
+
+    def run_iter(self, idx, data_batch):
+        ScaledLossLoop.steps += 1
+        return BaseLoop.run_iter(self, idx, data_batch)
+
+
+def test_custom_train_loop_overriding_run_iter_keeps_every_hook(tmp_path, tiny_parts):
+    seen = []
+
+    class Points(Hook):
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            seen.append(('before', runner.iter))
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            seen.append(('after', runner.iter, 'loss' in outputs))
+
+    ScaledLossLoop.steps = 0
+    runner = Runner(**_parts(tiny_parts, tmp_path, val_cfg=None, val_dataloader=None,
+                             val_evaluator=None, custom_hooks=[Points()],
+                             train_cfg=dict(type='ScaledLossLoop', max_iters=6),
+                             default_hooks=dict(logger=dict(interval=2),
+                                                checkpoint=dict(interval=3)),
+                             param_scheduler=dict(type='StepLR', step_size=1, gamma=0.5,
+                                                  by_epoch=False)))
+    runner.train()
+    runner.close()
+    assert ScaledLossLoop.steps == 6
+    assert seen == [p for i in range(6) for p in (('before', i), ('after', i + 1, True))]
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').glob('iter_*')) == ['iter_3', 'iter_6']
+    assert runner.optim_wrapper.get_lr()['lr'][0] == pytest.approx(0.05 * 0.5 ** 6)
+    lines = [json.loads(x) for x in next(tmp_path.glob('*/scalars.jsonl')).read_text().splitlines()]
+    assert [x['iter'] for x in lines] == [2, 4, 6]

@@ -180,9 +180,10 @@ class CheckpointHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         state = runner.state
-        signum, late = 0, int(self.time_interval is not None and time.monotonic() >= self._next_time)
-        if self.preemption is not None:  # one agreement for both (multi-process only)
-            signum, late = self.preemption.agree(late)
+        late = int(self.time_interval is not None and time.monotonic() >= self._next_time)
+        preemption, signum = self.preemption, 0
+        if preemption is not None:  # one agreement for both (several processes only)
+            signum, late = preemption.agree(late) if preemption._world > 1 else (preemption.signum, late)
         elif self._group is not None:
             late = agree_max([late], self._group)[0]
         if not self.by_epoch and (late or self._due(state.iter, state.max_iters)):
@@ -259,10 +260,6 @@ class CheckpointHook(Hook):
 
     def _publish(self, runner) -> None:
         runner.best_scores = {k: v['score'] for k, v in self.best.items()}
-
-    @property
-    def best_ckpt_paths(self) -> dict[str, Path]:
-        return {k: self.root / v['ckpts'][-1] for k, v in self.best.items() if v['ckpts']}
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from ..collective import from_main
 from ..errors import ConfigError
 from ..metric_rules import RULES, infer_rule
 from ..registry import HOOKS
@@ -97,12 +98,9 @@ class EarlyStoppingHook(Hook):
             runner.logger.warning(msg + '; early stopping is skipped')
             return
         stop, reason = self._decide(float(metrics[self.monitor]))
-        acc = runner.accelerator
-        if acc is not None and acc.num_processes > 1:  # one decision for all ranks: rank 0's
-            from accelerate.utils import broadcast_object_list
-            shared = [stop, reason, self.best_score, self.wait_count]
-            broadcast_object_list(shared)
-            stop, reason, self.best_score, self.wait_count = shared
+        # one decision for all ranks: the main process's
+        stop, reason, self.best_score, self.wait_count = from_main(
+            (stop, reason, self.best_score, self.wait_count))
         if stop:
             self.stopped_at = {'epoch': runner.epoch, 'iter': runner.iter, 'reason': reason}
             runner.train_loop.stop_training = True
