@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
+from .collective import gather
 from .errors import ConfigError
 
 MANIFEST = 'manifest.json'
@@ -231,21 +233,28 @@ class CheckpointWriter:
         ckpt_dir = Path(ckpt_dir)
         tmp = ckpt_dir.parent / f'.tmp-{ckpt_dir.name}'
         if main:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash during an earlier save
+            if os.path.lexists(tmp):
+                _remove(tmp)  # left by a crash during an earlier save
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        rng_tensors, rng_meta = rng_state()
-        _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
-        _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
         with ThreadPoolExecutor(max_workers=2) as io:
-            if rank_tensors:
-                grads = model_tensors(rank_tensors)
-                _write_tensors(tmp / f'grad_{rank}.safetensors', grads, io).result()
-            acc.wait_for_everyone()
-            if main:
-                self._write_main(ckpt_dir, tmp, model_state, state, io)
-        acc.wait_for_everyone()
+            def own_files():
+                rng_tensors, rng_meta = rng_state()
+                _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
+                _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
+                if rank_tensors:
+                    grads = model_tensors(rank_tensors)
+                    _write_tensors(tmp / f'grad_{rank}.safetensors', grads, io).result()
+            # Each gather is the barrier that was here, and tells every rank of any rank's
+            # failure (disk full, quota, permissions): none waits for one that gave up.
+            errors = [e for e in gather(_attempt(own_files, rank)) if e]
+            if not errors:
+                errors = [e for e in gather(_attempt(lambda: self._write_main(
+                    ckpt_dir, tmp, model_state, state, io), rank) if main else None) if e]
+        if errors:
+            if main and os.path.lexists(tmp):
+                _remove(tmp)
+            raise _save_error(ckpt_dir, errors, model_state, state)
         return ckpt_dir
 
     def _write_main(self, ckpt_dir: Path, tmp: Path, model_state: dict | None, state: dict,
@@ -268,14 +277,16 @@ class CheckpointWriter:
         _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files},
                                           indent=1).encode())
         _fsync(tmp)
-        if ckpt_dir.exists():
+        if os.path.lexists(ckpt_dir) and not _is_checkpoint(ckpt_dir):
+            _move_aside(ckpt_dir)  # a file, link or foreign directory under our name: kept
+        if os.path.lexists(ckpt_dir):
             # Same name saved again (e.g. 'last'): move the old one aside, never delete first.
             old = ckpt_dir.parent / f'.old-{ckpt_dir.name}'
-            if old.exists():
-                shutil.rmtree(old)
+            if os.path.lexists(old):
+                _remove(old)
             os.rename(ckpt_dir, old)
             os.rename(tmp, ckpt_dir)
-            shutil.rmtree(old)
+            _remove(old)
         else:
             os.rename(tmp, ckpt_dir)
         _fsync(ckpt_dir.parent)
@@ -285,9 +296,69 @@ class CheckpointWriter:
 def set_latest(ckpt_dir: Path) -> None:
     """Atomically point ``<checkpoints>/latest`` at ``ckpt_dir``."""
     tmp = ckpt_dir.parent / f'.{LATEST}.tmp'
+    latest = ckpt_dir.parent / LATEST
+    if os.path.lexists(tmp):
+        _remove(tmp)
+    if os.path.lexists(latest) and (latest.is_symlink() or not latest.is_file()):
+        _move_aside(latest)  # a directory or link named 'latest' cannot be replaced atomically
     _write(tmp, (ckpt_dir.name + '\n').encode())
-    os.replace(tmp, ckpt_dir.parent / LATEST)
+    os.replace(tmp, latest)
     _fsync(ckpt_dir.parent)
+
+
+def _attempt(fn, rank: int) -> str | None:
+    """Run ``fn``; the reason it could not write, or None."""
+    try:
+        fn()
+    except (OSError, SafetensorError) as e:
+        return f'rank {rank}: {type(e).__name__}: {e}'
+    return None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A real directory (not a link) with a manifest: something we wrote."""
+    return path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (not its target) or a directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename debris occupying a checkpoint's name to ``<name>.debris-<time>`` (never deleted:
+    it is not ours to delete) and warn."""
+    import time
+    aside = path.with_name(f'{path.name}.debris-{time.strftime("%Y%m%d_%H%M%S")}-{os.getpid()}')
+    os.rename(path, aside)
+    warnings.warn(f'{path} was in the way of a checkpoint and is not one (a file, link or '
+                  f'directory without {MANIFEST}): moved to {aside}')
+    return aside
+
+
+def _save_error(ckpt_dir: Path, errors: list[str], model_state, state) -> CheckpointError:
+    """Which checkpoint failed, how much it needed, how much is free, what is still intact."""
+    tensors: dict = {}
+    split_tensors(state, tensors)
+    needed = sum(t.numel() * t.element_size() for t in [*(model_state or {}).values(), *tensors.values()]
+                 if isinstance(t, torch.Tensor))
+    try:
+        free = f'{shutil.disk_usage(ckpt_dir.parent).free / 2**20:,.1f} MiB free'
+    except OSError:
+        free = 'free space unknown'
+    latest = ckpt_dir.parent / LATEST
+    try:
+        previous = f'the previous checkpoint {ckpt_dir.parent / latest.read_text().strip()} is intact'
+    except OSError:
+        previous = 'no earlier checkpoint was written'
+    return CheckpointError(
+        f'saving checkpoint {ckpt_dir} failed ({"; ".join(errors)}): it needs about '
+        f'{needed / 2**20:,.1f} MiB of tensors ({free} in {ckpt_dir.parent}); nothing of it was '
+        f'kept and {previous} (latest still points at it). Free space or set out_dir, then '
+        f'resume with --resume.')
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -295,8 +366,9 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
     """Map every file listed in the manifest and check its size and checksums; return the maps."""
     ckpt_dir = Path(ckpt_dir)
     mpath = ckpt_dir / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise CheckpointError(f'{mpath} is missing (the checkpoint was not completely written)')
+    _check_regular(mpath, ckpt_dir)
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest['files']
@@ -306,10 +378,14 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
         raise CheckpointError(f'{mpath} is not a valid manifest: "files" is not an object')
     out, jobs = {}, {}
     # Every file is mapped, not read: the checksum faults its pages in and the tensors view them.
+    for name in files:
+        if not isinstance(name, str) or '/' in name or '\\' in name or name.startswith('.') \
+                or name == MANIFEST:
+            raise CheckpointError(f'{mpath} lists an invalid file name {name!r}')
+        if os.path.lexists(ckpt_dir / name):  # a missing one is reported below
+            _check_regular(ckpt_dir / name, ckpt_dir)  # every file, before the first is opened
     with _checksum_pool() as pool:
         for name, entry in files.items():
-            if '/' in name or '\\' in name or name.startswith('.') or name == MANIFEST:
-                raise CheckpointError(f'{mpath} lists an invalid file name {name!r}')
             expected, chunk, fn = _expected_checksums(entry)
             if expected is None:
                 raise CheckpointError(f'{mpath} has no valid size/checksums for {name!r}')
@@ -326,6 +402,20 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
                 raise CheckpointError(f'{ckpt_dir / name} is damaged: its checksum differs from '
                                       f'{MANIFEST}')
     return out
+
+
+def _check_regular(path: Path, ckpt_dir: Path) -> None:
+    """Refuse a link, a non-regular file (a FIFO would block the read) or anything resolving
+    outside the checkpoint, without opening it."""
+    import stat
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(f'{path} is a symbolic link (to {os.readlink(path)!r}): a checkpoint '
+                              f'holds only its own regular files, so it is not read')
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f'{path} is not a regular file: it is not read')
+    if path.resolve().parent != ckpt_dir.resolve():
+        raise CheckpointError(f'{path} resolves outside {ckpt_dir}: it is not read')
 
 
 def _expected_checksums(entry: Any) -> tuple[list | None, int | None, Any]:

@@ -87,13 +87,22 @@ def _deepspeed_plugin(ds: Any, accumulative_counts: int):
             raise ConfigError(f'accelerator.deepspeed: no DeepSpeed config file at {path}')
         ds = json.loads(path.read_text())
     ds = dict(ds)
+    deepspeed_accumulation(ds, accumulative_counts)
+    return DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=accumulative_counts)
+
+
+def deepspeed_accumulation(ds: dict, accumulative_counts: int) -> None:
+    """Make a DeepSpeed config's ``gradient_accumulation_steps`` ``accumulative_counts`` (the
+    one source of truth): fill it when unset or ``'auto'``, refuse any other value. Checked on
+    the config's ``accelerator.deepspeed`` before the Accelerator exists, and on the plugin's
+    config (also one from the launcher, or a built Accelerator's) before the model is prepared."""
     steps = ds.get('gradient_accumulation_steps', 'auto')
     if steps not in ('auto', accumulative_counts):
-        raise ConfigError(f'accelerator.deepspeed.gradient_accumulation_steps={steps} disagrees with '
-                          f'optim_wrapper.accumulative_counts={accumulative_counts}: remove it from '
-                          f'the DeepSpeed config (accumulative_counts is the one source of truth)')
+        raise ConfigError(f'DeepSpeed gradient_accumulation_steps={steps} disagrees with '
+                          f'optim_wrapper.accumulative_counts={accumulative_counts}: set it to '
+                          f"'auto' or remove it from the DeepSpeed config (accumulative_counts is "
+                          f'the one source of truth)')
     ds['gradient_accumulation_steps'] = accumulative_counts
-    return DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=accumulative_counts)
 
 
 def _build(cls, kwargs: dict, where: str):
@@ -149,13 +158,7 @@ def check_train_setup(accelerator, dataloader, optim_wrapper) -> None:
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    counts = optim_wrapper.accumulative_counts
-    if ds.get('gradient_accumulation_steps', 'auto') in ('auto', counts):
-        ds['gradient_accumulation_steps'] = counts
-    else:
-        raise ConfigError(f'DeepSpeed gradient_accumulation_steps={ds["gradient_accumulation_steps"]} '
-                          f'disagrees with optim_wrapper.accumulative_counts={counts}: set it to '
-                          f'auto (accumulative_counts is the one source of truth)')
+    deepspeed_accumulation(ds, optim_wrapper.accumulative_counts)
     if ds.get('train_micro_batch_size_per_gpu', 'auto') == 'auto':
         batch_size = micro_batch_size(dataloader, accelerator.num_processes)
         if batch_size is None:

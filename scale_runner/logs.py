@@ -52,15 +52,15 @@ def close_logger(logger: logging.Logger) -> None:
 
 
 class LogBuffer:
-    """Scalars of the current logging window, one window per stage (``train``, ``val``,
+    """Scalars of the current logging window, one window per mode (``train``, ``val``,
     ``test``), so validation timings never mix into a training window.
 
     Values may be tensors (on any device): they are only read when a line is logged, all
     keys of a window in one transfer, so training never waits on the device for a number
-    nobody prints. ``current`` holds the latest value of every key updated here (any stage).
+    nobody prints. ``current`` holds the latest value of every key updated here (any mode).
 
     A *source* (``add_source``) keeps its own window and reports it when asked: an object with
-    ``window_means(stage) -> dict`` and ``clear_window(stage)``. The IterTimerHook is one: it
+    ``window_means(mode) -> dict`` and ``clear_window(mode)``. The IterTimerHook is one: it
     appends two timestamps per iteration and turns them into ``time``/``data_time`` means only
     when a line is written, which costs less per step than a value per key.
     """
@@ -70,18 +70,18 @@ class LogBuffer:
         self._sources: list = []
         self.current: dict[str, Any] = {}
 
-    def update(self, key: str, value: Any, stage: str = 'train') -> None:
+    def update(self, key: str, value: Any, mode: str = 'train') -> None:
         try:
-            self._windows[stage][key].append(value)
+            self._windows[mode][key].append(value)
         except KeyError:
-            self._windows.setdefault(stage, {})[key] = [value]
+            self._windows.setdefault(mode, {})[key] = [value]
         self.current[key] = value
 
-    def update_dict(self, values: dict, stage: str = 'train') -> None:
+    def update_dict(self, values: dict, mode: str = 'train') -> None:
         """``update`` for every item of ``values`` (one call per iteration, not one per key)."""
-        window = self._windows.get(stage)
+        window = self._windows.get(mode)
         if window is None:
-            window = self._windows[stage] = {}
+            window = self._windows[mode] = {}
         for key, value in values.items():
             try:
                 window[key].append(value)
@@ -93,9 +93,9 @@ class LogBuffer:
         if source not in self._sources:
             self._sources.append(source)
 
-    def means(self, stage: str = 'train') -> dict[str, float]:
+    def means(self, mode: str = 'train') -> dict[str, float]:
         """The mean of every key of the window (one device transfer for all tensor values)."""
-        window = self._windows.get(stage, {})
+        window = self._windows.get(mode, {})
         keys = [k for k, v in window.items() if v]
         floats = to_floats([v for k in keys for v in window[k]])
         out, at = {}, 0
@@ -104,13 +104,13 @@ class LogBuffer:
             out[k] = sum(floats[at:at + n]) / n
             at += n
         for source in self._sources:
-            out.update(source.window_means(stage))
+            out.update(source.window_means(mode))
         return out
 
-    def clear_window(self, stage: str = 'train') -> None:
-        self._windows.pop(stage, None)
+    def clear_window(self, mode: str = 'train') -> None:
+        self._windows.pop(mode, None)
         for source in self._sources:
-            source.clear_window(stage)
+            source.clear_window(mode)
 
 
 def to_floats(values: list) -> list[float]:

@@ -128,11 +128,13 @@ class _TrainLoop(BaseLoop):
 
     def train_iter(self, idx: int, data_batch: Any) -> Any:
         """One iteration with its hooks: ``before_train_iter``, ``run_iter``, the counters,
-        ``after_train_iter`` (both train loops' bodies call this)."""
+        ``after_train_iter`` (both train loops' bodies call this). ``state.stepped`` is cleared
+        before the step; the optimizer wrapper sets it if the step updated the weights."""
         runner = self._runner
         runner.call_hook('before_train_iter', batch_idx=idx, data_batch=data_batch)
-        outputs = self.run_iter(idx, data_batch)
         state = runner.state
+        state.stepped = False
+        outputs = self.run_iter(idx, data_batch)
         state.iter += 1
         state.inner_iter = idx + 1
         runner.call_hook('after_train_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)

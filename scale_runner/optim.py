@@ -9,21 +9,35 @@ from .checks import bad_value, check_number, check_optimizer_args, is_number
 from .errors import ConfigError, did_you_mean
 from .model import NO_CONTEXT
 from .registry import OPTIM_WRAPPERS, OPTIMIZERS
+from .state import TrainState
 
 
-# Distributed types whose optimizer step/backward need nothing from Accelerate's wrappers.
+# Distributed types whose optimizer step/backward need nothing from Accelerate's wrappers (when
+# there is no loss scaler and Accelerate accumulates nothing): AcceleratedOptimizer.step/zero_grad
+# and Accelerator.backward only call torch's there. tests/test_optim_direct_path.py checks it for
+# the types this machine can run ('NO', 'MULTI_CPU'), so an Accelerate release that adds per-step
+# work to one of them fails a test instead of being skipped.
 FAST_TYPES = frozenset({'NO', 'MULTI_CPU', 'MULTI_GPU', 'MULTI_NPU', 'MULTI_XPU', 'MULTI_MLU',
                         'MULTI_MUSA', 'MULTI_SDAA', 'MULTI_HPU'})
+# The parts of update_params a subclass may override; the direct path needs them all as they are.
+STAGES = ('scale_loss', 'backward', 'should_update', 'step', 'zero_grad')
 
 
 @OPTIM_WRAPPERS.register_module()
 class OptimWrapper:
     """Wraps an optimizer with MMEngine's ``update_params`` contract.
 
-    Gradient accumulation has one source of truth, ``accumulative_counts``: the wrapper decides
-    which micro-batches update, skips the DDP all-reduce on the others (``accelerator.no_sync``)
-    and sets Accelerate's ``sync_gradients`` to match, so clipping, scheduler steps and logging
-    gate on the same flag. The last, partial window of a run is weighted like a full one.
+    Gradient accumulation has one source of truth, ``accumulative_counts``, counted on the
+    run's one state object: the window of a micro-batch is ``state.iter`` (iterations done, see
+    :class:`~scale_runner.state.TrainState`; the runner binds its state as ``train_state``) and
+    the run's last, partial window ends at ``state.max_iters``, weighted like a full one. The
+    wrapper decides which micro-batches update, skips the DDP all-reduce on the others
+    (``accelerator.no_sync``) and sets Accelerate's ``sync_gradients`` to match, so clipping,
+    scheduler steps and logging gate on the same flag; every update it makes is published once,
+    as ``state.stepped`` (and counted in ``update_count``).
+
+    Used without a runner, the wrapper keeps a state of its own and counts its
+    ``update_params`` calls there (``initialize_count_status`` sets where it starts).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, accumulative_counts: int = 1,
@@ -38,8 +52,8 @@ class OptimWrapper:
         self.clip_grad = clip_grad
         self.accelerator = None
         self.model = None  # the prepared model, set by bind()
-        self._inner_count = 0
-        self._max_counts: int | None = None
+        # The counters the window is read from: the runner's TrainState once it binds it here.
+        self.train_state = self._own_state = TrainState()
         self.update_count = 0  # optimizer updates done (window ends, skipped ones included)
         self.grad_norm: float | None = None
         # Steps a loss scaler skipped (inf/nan gradients): an int while one can skip (fp16),
@@ -47,7 +61,7 @@ class OptimWrapper:
         self.skipped_steps: int | None = None
         self._engine_scales_loss = False
         self._raw = None  # the torch optimizer, when Accelerate's wrappers can be bypassed
-        self._fast_raw = None  # ... and when update_params can call it directly (set by bind)
+        self._direct = None  # ... and when update_params may call it itself (set by bind)
         # Set by NanGuardHook: guard(loss) -> False drops this update (raises in 'raise' mode).
         self.loss_guard = None
         self._drop_window = False  # a bad loss was seen in the current accumulation window
@@ -62,6 +76,7 @@ class OptimWrapper:
             from .sharding import is_sharded
             module = unwrap(model)
             self._sharded = module if is_sharded(module) else None
+        self._raw = None
         if accelerator is not None:
             if accelerator.mixed_precision == 'fp16' or accelerator.scaler is not None:
                 self.skipped_steps = self.skipped_steps or 0
@@ -70,37 +85,53 @@ class OptimWrapper:
             # Accelerate's backward/step/zero_grad do per-step work we do not need when there is
             # no loss scaler and no special engine (an uncached package lookup in backward and
             # step, inspect.signature in zero_grad, a loss division by 1): call torch directly.
-            self._raw = None
             if (accelerator.scaler is None and accelerator.gradient_accumulation_steps == 1
                     and accelerator.distributed_type in FAST_TYPES):
                 self._raw = getattr(self.optimizer, 'optimizer', self.optimizer)
-            # update_params' shortest path: one micro-batch per update, no clipping, and none
-            # of backward/step/zero_grad overridden by a subclass.
-            cls = type(self)
-            fast = (self._raw is not None and self.accumulative_counts == 1
-                    and self.clip_grad is None and cls.backward is OptimWrapper.backward
-                    and cls.step is OptimWrapper.step and cls.zero_grad is OptimWrapper.zero_grad)
-            self._fast_raw = self._raw if fast else None
+        # update_params' direct path: one micro-batch per update (so no loss scaling and every
+        # call steps), no clipping, no scaler, and none of its stages overridden by a subclass.
+        cls = type(self)
+        plain = all(getattr(cls, name) is getattr(OptimWrapper, name) for name in STAGES)
+        self._direct = (self._raw if plain and self.accumulative_counts == 1
+                        and self.clip_grad is None else None)
 
-    # ---- accumulation bookkeeping ---------------------------------------------------------
+    # ---- accumulation: the window is read from the train state ----------------------------
     def initialize_count_status(self, model, init_counts: int, max_counts: int | None) -> None:
-        self._inner_count = init_counts
-        self._max_counts = max_counts
+        """MMEngine's API: the iterations done and the run's length, where the window is read.
+
+        On a wrapper of its own (no runner) this sets them. On a runner's wrapper they are the
+        runner's ``state.iter`` / ``state.max_iters`` already; other values are an error (a
+        second count would drift from the loop's)."""
+        state = self.train_state
+        if state is self._own_state:
+            state.iter, state.max_iters = init_counts, max_counts
+        elif (init_counts, max_counts) != (state.iter, state.max_iters):
+            raise ValueError(f'initialize_count_status(init_counts={init_counts}, max_counts='
+                             f'{max_counts}) disagrees with the train state this wrapper reads its '
+                             f'accumulation window from (iter={state.iter}, max_iters='
+                             f'{state.max_iters}): set runner.state instead')
 
     def should_update(self) -> bool:
-        """Whether the current micro-batch ends an accumulation window."""
-        n = self._inner_count + 1
-        return n % self.accumulative_counts == 0 or (self._max_counts is not None and n >= self._max_counts)
+        """Whether the current micro-batch (number ``state.iter + 1``) ends an accumulation
+        window: a multiple of ``accumulative_counts``, or the run's last iteration."""
+        state = self.train_state
+        n = state.iter + 1
+        return n % self.accumulative_counts == 0 or (state.max_iters is not None and n >= state.max_iters)
 
-    def _loss_factor(self) -> int:
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of its window's loss: ``loss / accumulative_counts``, and in
+        the run's last, partial window ``loss / len(window)``, so it weighs like a full one
+        (DeepSpeed's engine divides by ``accumulative_counts`` itself)."""
         counts = self.accumulative_counts
-        if counts == 1 or self._max_counts is None:
-            return counts
-        # Samples in the last window are weighted like those of a full window.
-        tail = self._max_counts % counts
-        if tail and self._inner_count >= self._max_counts - tail:
-            return tail
-        return counts
+        factor = counts
+        state = self.train_state
+        if counts != 1 and state.max_iters is not None:
+            tail = state.max_iters % counts
+            if tail and state.iter >= state.max_iters - tail:
+                factor = tail
+        if self._engine_scales_loss:
+            factor = factor / counts
+        return loss / factor if factor != 1 else loss
 
     def optim_context(self, model):
         """Forward/backward context: no gradient all-reduce on non-updating micro-batches."""
@@ -117,30 +148,37 @@ class OptimWrapper:
 
     # ---- the MMEngine API ----------------------------------------------------------------
     def update_params(self, loss: torch.Tensor, step_kwargs=None, zero_kwargs=None) -> None:
-        raw = self._fast_raw
-        if raw is not None and step_kwargs is None and zero_kwargs is None:
-            # The common case in as few calls as possible: this runs between torch kernels
-            # with cold caches, where every Python call costs a microsecond or more.
-            if self.loss_guard is None or self.loss_guard(loss):
-                loss.backward()
-                raw.step()
-                self.update_count += 1
-            raw.zero_grad()  # a dropped update's window is this one micro-batch
-            self._inner_count += 1
-            return
+        """Backward one micro-batch's loss; if it ends an accumulation window, step (clipping
+        first) and zero the gradients. A loss the guard rejects (NanGuardHook) is not
+        backpropagated and drops the rest of its window.
+
+        One sequence for every configuration: guard, ``scale_loss``, ``backward``,
+        ``should_update``, ``step``, ``zero_grad``. On the direct path (see :meth:`bind`) the
+        stages that would do nothing are skipped: the loss needs no scaling and every call ends
+        a window, and backward/step/zero_grad call torch themselves (what the methods do there,
+        less a Python call each: this runs between kernels, where each call costs).
+        """
+        state = self.train_state
+        state.stepped = False  # (the loop clears it too: a train_step may not come here)
         if self._drop_window or (self.loss_guard is not None and not self.loss_guard(loss)):
             self._drop_update(zero_kwargs)
-            return
-        factor = self._loss_factor()
-        if self._engine_scales_loss:
-            factor = factor / self.accumulative_counts
-        if factor != 1:
-            loss = loss / factor
-        self.backward(loss)
-        if self.should_update():
-            self.step(**(step_kwargs or {}))
-            self.zero_grad(**(zero_kwargs or {}))
-        self._inner_count += 1
+        else:
+            direct = self._direct if step_kwargs is None and zero_kwargs is None else None
+            if direct is None:
+                self.backward(self.scale_loss(loss))
+            else:
+                loss.backward()
+            if direct is not None or self.should_update():
+                if direct is None:
+                    self.step(**(step_kwargs or {}))
+                    self.zero_grad(**(zero_kwargs or {}))
+                else:  # step(): no clipping, no scaler here
+                    direct.step()
+                    self.update_count += 1
+                    state.stepped = True
+                    direct.zero_grad()
+        if state is self._own_state:  # no loop around this wrapper: it counts micro-batches
+            state.iter += 1
 
     def _drop_update(self, zero_kwargs=None) -> None:
         """Skip a bad loss: no backward, no step, no update counted; the rest of its
@@ -148,7 +186,6 @@ class OptimWrapper:
         if not self._drop_window:
             self.zero_grad(**(zero_kwargs or {}))
         self._drop_window = not self.should_update()
-        self._inner_count += 1
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         if self.accelerator is None or self._raw is not None:
@@ -157,10 +194,13 @@ class OptimWrapper:
             self.accelerator.backward(loss, **kwargs)
 
     def step(self, **kwargs) -> None:
+        """Clip (if configured), step the optimizer, and publish the update: ``update_count``
+        and the train state's ``stepped`` (what schedulers and EMA act on)."""
         if self.clip_grad is not None:
             self._clip()
         (self._raw or self.optimizer).step(**kwargs)
         self.update_count += 1
+        self.train_state.stepped = True
         if self.skipped_steps is not None and self.accelerator.optimizer_step_was_skipped:
             self.skipped_steps += 1  # the scaler found inf/nan gradients and backed off
 
@@ -216,6 +256,15 @@ class OptimWrapper:
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(optimizer={type(self.optimizer).__name__}, '
                 f'accumulative_counts={self.accumulative_counts}, clip_grad={self.clip_grad})')
+
+
+def updates_per_epoch(optim_wrapper, iters: int | None) -> int | None:
+    """Optimizer updates in a pass of ``iters`` iterations (None: unknown), one per started
+    window of ``accumulative_counts``: what schedulers with ``convert_to_iter_based`` count an
+    epoch in, since they step once per update."""
+    if iters is None:
+        return None
+    return -(-iters // getattr(optim_wrapper, 'accumulative_counts', 1))
 
 
 CLIP_KEYS = ('max_norm', 'norm_type', 'clip_value')

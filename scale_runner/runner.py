@@ -148,10 +148,10 @@ class Runner:
             self.model = MODELS.build(self._model_cfg, _cfg_path='model')
         self.register_hooks(self._default_hooks_cfg, self._custom_hooks_cfg)
 
-    def _require(self, stage: str) -> None:
-        missing = [k for k in NEEDS[stage] if self._parts[k] is None]
+    def _require(self, mode: str) -> None:
+        missing = [k for k in NEEDS[mode] if self._parts[k] is None]
         if missing:
-            raise ConfigError(f'{stage}() needs {", ".join(NEEDS[stage])}; missing: '
+            raise ConfigError(f'{mode}() needs {", ".join(NEEDS[mode])}; missing: '
                               f'{", ".join(missing)}. Add them to the config (or the Runner call).')
 
     def _prepare_model(self, *extra):
@@ -205,15 +205,15 @@ class Runner:
         return LOOPS.build(cfg, _cfg_path='train_cfg', _cfg_extra_keys=('by_epoch',), runner=self,
                            dataloader=loader)
 
-    def build_eval_loop(self, stage: str):
-        cfg = self._parts[f'{stage}_cfg']
+    def build_eval_loop(self, mode: str):
+        cfg = self._parts[f'{mode}_cfg']
         if not isinstance(cfg, dict):
             return cfg
         cfg = dict(cfg)
-        cfg.setdefault('type', 'ValLoop' if stage == 'val' else 'TestLoop')
-        loader = self.build_dataloader(self._parts[f'{stage}_dataloader'], f'{stage}_dataloader')
-        evaluator = self.build_evaluator(self._parts[f'{stage}_evaluator'], f'{stage}_evaluator')
-        return LOOPS.build(cfg, _cfg_path=f'{stage}_cfg', runner=self, dataloader=loader,
+        cfg.setdefault('type', 'ValLoop' if mode == 'val' else 'TestLoop')
+        loader = self.build_dataloader(self._parts[f'{mode}_dataloader'], f'{mode}_dataloader')
+        evaluator = self.build_evaluator(self._parts[f'{mode}_evaluator'], f'{mode}_evaluator')
+        return LOOPS.build(cfg, _cfg_path=f'{mode}_cfg', runner=self, dataloader=loader,
                            evaluator=evaluator)
 
     # ---- entry points -------------------------------------------------------------------------
@@ -226,12 +226,14 @@ class Runner:
             raise ConfigError(f'validation during training needs {", ".join(NEEDS["val"])}; missing: '
                               f'{", ".join(missing)} (or remove the others to train without it)')
         self._setup()
-        from .optim import build_optim_wrapper
+        from .optim import build_optim_wrapper, updates_per_epoch
         from .schedulers import build_param_schedulers
         self.train_loop = self.build_train_loop(self._parts['train_cfg'])
         self.optim_wrapper = build_optim_wrapper(self._parts['optim_wrapper'], self.model)
+        self.optim_wrapper.train_state = self.state  # its accumulation window is counted here
         self.param_schedulers = build_param_schedulers(
-            self._param_scheduler_cfg, self.optim_wrapper.optimizer, self._updates_per_epoch())
+            self._param_scheduler_cfg, self.optim_wrapper.optimizer,
+            updates_per_epoch(self.optim_wrapper, _safe_len(self.train_loop.dataloader)))
         from .env import check_train_setup  # same batch count on every rank; DeepSpeed 'auto's
         check_train_setup(self.accelerator, self.train_loop.dataloader, self.optim_wrapper)
         (self.optim_wrapper.optimizer,) = self._prepare_model(self.optim_wrapper.optimizer)
@@ -241,17 +243,12 @@ class Runner:
         self.call_hook('before_run')
         try:
             self._resume_if_asked()
+            # MMEngine's call, for wrappers that count their own window (ours reads self.state)
             self.optim_wrapper.initialize_count_status(self.model, self.state.iter, self.state.max_iters)
             self.train_loop.run()
             return self.train_loop.last_val_metrics
         finally:
             self.call_hook('after_run')
-
-    def _updates_per_epoch(self) -> int | None:
-        """Optimizer updates in one pass (schedulers step per update, so ``convert_to_iter_based``
-        converts epochs to updates)."""
-        n = _safe_len(self.train_loop.dataloader)
-        return None if n is None else -(-n // getattr(self.optim_wrapper, "accumulative_counts", 1))
 
     def val(self) -> dict:
         return self._evaluate('val')
@@ -259,12 +256,12 @@ class Runner:
     def test(self) -> dict:
         return self._evaluate('test')
 
-    def _evaluate(self, stage: str) -> dict:
-        self._require(stage)
+    def _evaluate(self, mode: str) -> dict:
+        self._require(mode)
         self._setup()
         self._prepare_model()
-        loop = getattr(self, f'{stage}_loop') or self.build_eval_loop(stage)
-        setattr(self, f'{stage}_loop', loop)
+        loop = getattr(self, f'{mode}_loop') or self.build_eval_loop(mode)
+        setattr(self, f'{mode}_loop', loop)
         self.call_hook('before_run')
         try:
             return loop.run()

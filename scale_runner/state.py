@@ -1,7 +1,9 @@
 """``TrainState``: the one place where training progress is counted."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+
+SAVED = ('epoch', 'iter', 'inner_iter', 'max_epochs', 'max_iters')  # what a checkpoint holds
 
 
 @dataclass
@@ -10,6 +12,15 @@ class TrainState:
 
     ``epoch``: epochs finished; ``iter``: train iterations (micro-batches) finished;
     ``inner_iter``: iterations finished in the current epoch; ``max_*``: the schedule.
+
+    ``stepped``: whether the current train iteration stepped the optimizer (ended an
+    accumulation window and was not dropped by the NaN guard). The train loop clears it before
+    each step and ``OptimWrapper.step`` sets it, so in ``after_train_iter`` every hook that acts
+    once per optimizer update (parameter schedulers, EMA) reads this one flag. It describes the
+    iteration, not the run, and is not saved.
+
+    The optimizer wrapper's gradient accumulation window is read from ``iter`` and
+    ``max_iters`` too: the runner binds this object to it (``optim_wrapper.train_state``).
     """
 
     epoch: int = 0
@@ -17,9 +28,10 @@ class TrainState:
     inner_iter: int = 0
     max_epochs: int | None = None
     max_iters: int | None = None
+    stepped: bool = field(default=False, compare=False)
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        return {key: getattr(self, key) for key in SAVED}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ('epoch', 'iter', 'inner_iter'):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,17 @@ from torch import nn
 os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 torch.set_num_threads(1)
+
+# tests/parts: the modules, job scripts and configs of the tests (see its README).
+PARTS_DIR = Path(__file__).resolve().parent / 'parts'
+if str(PARTS_DIR) not in sys.path:
+    sys.path.insert(0, str(PARTS_DIR))
+
+
+def pythonpath(*dirs) -> str:
+    """A subprocess's PYTHONPATH: ``dirs``, tests/parts, then this process's PYTHONPATH."""
+    return os.pathsep.join([*(str(d) for d in dirs), str(PARTS_DIR),
+                            os.environ.get('PYTHONPATH', '')])
 
 
 @pytest.fixture(autouse=True)
@@ -70,17 +82,8 @@ class PlainRegressor(nn.Module):
 @pytest.fixture
 def tiny_parts():
     """Keyword arguments for a small Runner (train + val) on in-memory regression data."""
-    from scale_runner import METRICS, BaseMetric
-
-    if 'NegMSE' not in METRICS:
-        @METRICS.register_module()
-        class NegMSE(BaseMetric):
-            def process(self, data_batch, data_samples):
-                for p, y in zip(data_samples['pred'], data_batch['y']):
-                    self.results.append(float((p - y).pow(2).mean()))
-
-            def compute_metrics(self, results):
-                return {'mse': sum(results) / len(results)}
+    import importlib
+    importlib.import_module('sr_metrics')  # tests/parts/sr_metrics.py: registers 'MSE'
 
     def make(work_dir, **over):
         parts = dict(
@@ -89,7 +92,7 @@ def tiny_parts():
             train_dataloader=dict(dataset=RegressionData(64), batch_size=8,
                                   sampler=dict(type='DefaultSampler', shuffle=True)),
             val_dataloader=dict(dataset=RegressionData(20, seed=1), batch_size=8),
-            val_evaluator=dict(type='NegMSE'),
+            val_evaluator=dict(type='MSE'),
             val_cfg=dict(),
             train_cfg=dict(by_epoch=True, max_epochs=2),
             optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),

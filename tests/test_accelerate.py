@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PlainRegressor, RegressionData, run_cli
+from conftest import PARTS_DIR, PlainRegressor, RegressionData, pythonpath, run_cli
 
 from scale_runner import Config, ConfigError, Runner
 from scale_runner.env import accelerator_kwargs
@@ -239,52 +238,12 @@ def test_grad_scaler_state_and_skipped_steps_survive_resume(tmp_path):
 
 
 # ---- real multi-process runs --------------------------------------------------------------------
-RANK_DUMP = '''
-import json
-from safetensors.torch import save_file
-from scale_runner.hooks.hook import Hook
-from scale_runner.model import unwrap
-from scale_runner.registry import HOOKS
-
-
-@HOOKS.register_module()
-class RankDump(Hook):
-    """Every rank: a marker per checkpoint save it took part in; its weights and counters at the end."""
-
-    def before_save_checkpoint(self, runner, checkpoint):
-        (runner.work_dir / f'saved_iter{runner.iter}_rank{runner.accelerator.process_index}').touch()
-
-    def after_train(self, runner):
-        rank = runner.accelerator.process_index
-        sd = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap(runner.model).state_dict().items()}
-        save_file(sd, str(runner.work_dir / f'final_rank{rank}.safetensors'))
-        ow = runner.optim_wrapper
-        (runner.work_dir / f'counters_rank{rank}.json').write_text(json.dumps(dict(
-            iter=runner.iter, epoch=runner.epoch, updates=ow.update_count, lr=ow.get_lr()['lr'][0],
-            processes=runner.accelerator.num_processes)))
-'''
-
-DDP_CONFIG = '''
-custom_imports = dict(imports=['scale_runner.examples.toy', 'rank_dump'])
-model = dict(type='MLPClassifier', hidden=32, depth=2, num_classes=3)
-train_dataloader = dict(dataset=dict(type='SpiralDataset', size=96, seed=1), batch_size=8,
-                        sampler=dict(type='DefaultSampler', shuffle=True))
-train_cfg = dict(by_epoch=True, max_epochs=2)
-optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.2, momentum=0.9), clip_grad=dict(max_norm=1.0))
-param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=6),
-                   dict(type='CosineAnnealingLR', by_epoch=False, begin=6, end=12, eta_min=0.01)]
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
-custom_hooks = [dict(type='RankDump')]
-randomness = dict(seed=0)
-'''
+DDP_CONFIG = PARTS_DIR / 'ddp_cfg.py'  # imports tests/parts/rank_dump.py (RankDump)
 
 
 @pytest.fixture
 def ddp_job(tmp_path):
-    (tmp_path / 'rank_dump.py').write_text(RANK_DUMP)
-    (tmp_path / 'ddp_cfg.py').write_text(DDP_CONFIG)
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=pythonpath())
     for var in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'ACCELERATE_USE_CPU',
                 'ACCELERATE_MIXED_PRECISION'):
         env.pop(var, None)
@@ -302,8 +261,8 @@ def _accelerate(*args):
     return [sys.executable, '-m', 'accelerate.commands.launch', *args]
 
 
-def _train_args(tmp_path, work, *options):
-    return ['-m', 'scale_runner', 'train', str(tmp_path / 'ddp_cfg.py'), '--work-dir', str(work),
+def _train_args(work, *options):
+    return ['-m', 'scale_runner', 'train', str(DDP_CONFIG), '--work-dir', str(work),
             '--cfg-options', 'experiment_name=run', *options]
 
 
@@ -314,18 +273,17 @@ def _rank_results(work: Path, n: int):
     return weights, counters
 
 
-def test_two_processes_match_one_process_with_twice_the_batch(ddp_job, monkeypatch):
+def test_two_processes_match_one_process_with_twice_the_batch(ddp_job):
     """cpu_ddp.yaml, 2 ranks x batch 8 == 1 rank x batch 16 on the same data order: weights,
     LR after every update, counters; only the main process writes logs and checkpoint metadata,
     every rank takes part in each checkpoint save."""
     tmp_path, env = ddp_job
     work = tmp_path / 'ddp'
     proc = _ok(_launch(_accelerate('--config_file', str(ROOT / 'launch' / 'cpu_ddp.yaml'),
-                                   '--main_process_port', '0', *_train_args(tmp_path, work)),
+                                   '--main_process_port', '0', *_train_args(work)),
                        env, tmp_path))
     single = tmp_path / 'single'  # the reference: one process (in this one), batch 16
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = Config.fromfile(str(tmp_path / 'ddp_cfg.py'))
+    cfg = Config.fromfile(str(DDP_CONFIG))
     cfg.merge_from_dict({'work_dir': str(single), 'experiment_name': 'run', 'log_level': 'WARNING',
                          'train_dataloader.batch_size': 16})
     runner = Runner.from_cfg(cfg)
@@ -364,7 +322,7 @@ def test_plain_torchrun_without_gpu_trains_as_two_real_ranks(ddp_job):
     tmp_path, env = ddp_job
     work = tmp_path / 'torchrun'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           *_train_args(tmp_path, work, 'train_cfg.max_epochs=1', 'default_hooks.checkpoint=None')]
+           *_train_args(work, 'train_cfg.max_epochs=1', 'default_hooks.checkpoint=None')]
     proc = _launch(cmd, env, tmp_path)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:  # the other allowed outcome: a clear stop, nothing trained
@@ -391,7 +349,7 @@ def test_uneven_data_does_not_hang(ddp_job, size, even_batches, ok):
     env = dict(env, ACCELERATE_USE_CPU='1')
     cmd = _accelerate('--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision',
                       'no', '--dynamo_backend', 'no', '--main_process_port', '0',
-                      *_train_args(tmp_path, work, f'train_dataloader.dataset.size={size}',
+                      *_train_args(work, f'train_dataloader.dataset.size={size}',
                                    'train_dataloader.batch_size=4', 'train_cfg.max_epochs=1',
                                    'param_scheduler=None', 'default_hooks.checkpoint=None',
                                    f'accelerator.dataloader_config.even_batches={even_batches}'))

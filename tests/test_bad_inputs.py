@@ -7,14 +7,13 @@ the real CLI, which must exit with code 2 and print the message without a traceb
 from __future__ import annotations
 
 import copy
-import os
 import textwrap
 from pathlib import Path
 
 import pytest
 from torch import nn
 
-from conftest import PlainRegressor, RegressionData, run_cli
+from conftest import PlainRegressor, RegressionData, pythonpath, run_cli
 from scale_runner import Runner
 from scale_runner.checkpoint import resolve_resume
 from scale_runner.config import parse_cli_options, parse_value
@@ -376,26 +375,13 @@ def test_cli_value_passed_to_torch_and_unknown_scheduler(tmp_path):
 
 
 def test_cli_model_returning_no_loss(tmp_path):
-    (tmp_path / 'noloss_models.py').write_text(textwrap.dedent('''
-        from torch import nn
-        from scale_runner import MODELS, BaseModel
-
-        @MODELS.register_module()
-        class NoLossMLP(BaseModel):
-            def __init__(self):
-                super().__init__()
-                self.net = nn.Linear(2, 3)
-
-            def forward(self, inputs, labels=None, mode='tensor'):
-                return {'logits': self.net(inputs)}
-    '''))
-    cfg = tmp_path / 'noloss.py'
+    cfg = tmp_path / 'noloss.py'  # noloss_models: tests/parts/noloss_models.py
     cfg.write_text(textwrap.dedent(f'''
         _base_ = [{CONFIG!r}]
         custom_imports = dict(imports=['scale_runner.examples.toy', 'noloss_models'])
         model = dict(_delete_=True, type='NoLossMLP')
     '''))
-    env = {'PYTHONPATH': os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')])}
+    env = {'PYTHONPATH': pythonpath()}
     err = _cli_config_error(['train', str(cfg), '--work-dir', str(tmp_path / 'w'),
                              '--cfg-options', *SMALL], env=env)
     assert "model: the model returned a dict with keys ['logits']" in err and "'loss'" in err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import pythonpath, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / 'configs' / 'spiral_mlp.py')
@@ -209,39 +209,18 @@ def test_bad_cfg_option_syntax_exits_2():
 
 
 # ---- under accelerate launch ------------------------------------------------------------------
-DUMP_HOOK = '''
-import torch
-from safetensors.torch import save_file
-from scale_runner.registry import HOOKS
-from scale_runner.hooks.hook import Hook
-
-
-@HOOKS.register_module()
-class DumpRankWeights(Hook):
-    """Each rank writes the weights it ended with."""
-
-    def after_train(self, runner):
-        from scale_runner.model import unwrap
-        sd = {k: v.detach().cpu().contiguous().clone()
-              for k, v in unwrap(runner.model).state_dict().items()}
-        save_file(sd, str(runner.work_dir / f'final_rank{runner.accelerator.process_index}.safetensors'))
-'''
-
-
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     import torch
     from safetensors.torch import load_file
     accelerate = BIN / 'accelerate'
     if not accelerate.is_file():
         pytest.skip('accelerate CLI not installed')
-    (tmp_path / 'dump_hook.py').write_text(DUMP_HOOK)
-    config = tmp_path / 'ddp_config.py'
+    config = tmp_path / 'ddp_config.py'  # dump_hook: tests/parts/dump_hook.py
     config.write_text(f"_base_ = [{CONFIG!r}]\n"
                       "custom_imports = dict(imports=['scale_runner.examples.toy', 'dump_hook'])\n"
                       "custom_hooks = [dict(type='DumpRankWeights')]\n")
     work = tmp_path / 'work'
-    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONPATH=pythonpath())
     for var in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(var, None)
     cmd = [str(accelerate), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',

@@ -19,77 +19,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import PARTS_DIR, run_cli
 from scale_runner import registry
 from scale_runner.config import Config, DataStr
 from scale_runner.errors import ConfigError, UnsafeTypeError
 from scale_runner.registry import FUNCTIONS, MODELS, RUNNERS
 
-PLUGIN = 'sr_safety_plugin'
-PLUGIN_SRC = '''
-import torch
-from torch import nn
-
-from scale_runner import BaseMetric
-from scale_runner.registry import DATASETS, METRICS, MODELS
-
-
-class PlainData(torch.utils.data.Dataset):
-    """Not registered: a data config names it as sr_safety_plugin.PlainData."""
-
-    def __init__(self, n=16, dim=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, dim, generator=g)
-        self.y = self.x.sum(1, keepdim=True)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {'x': self.x[i], 'y': self.y[i]}
-
-
-@DATASETS.register_module(force=True)
-class SafetyData(PlainData):
-    pass
-
-
-@MODELS.register_module(force=True)
-class SafetyNet(nn.Module):
-    def __init__(self, dim=4):
-        super().__init__()
-        self.linear = nn.Linear(dim, 1)
-
-    def forward(self, x, y=None):
-        pred = self.linear(x)
-        out = {'pred': pred}
-        if y is not None:
-            out['loss'] = nn.functional.mse_loss(pred, y)
-        return out
-
-
-@METRICS.register_module(force=True)
-class SafetyMSE(BaseMetric):
-    def process(self, data_batch, data_samples):
-        for p, y in zip(data_samples['pred'], data_batch['y']):
-            self.results.append(float((p - y).pow(2).mean()))
-
-    def compute_metrics(self, results):
-        return {'mse': sum(results) / len(results)}
-'''
+PLUGIN = 'sr_safety_plugin'  # tests/parts/sr_safety_plugin.py
 UNREGISTERED = 'sr_safety_unregistered'  # a module that registers nothing
-UNREGISTERED_SRC = 'class Thing:\n    def __init__(self, **kw):\n        self.kw = kw\n'
 
 
 @pytest.fixture(scope='module')
-def plugin_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp('safety_plugin')
-    (d / f'{PLUGIN}.py').write_text(PLUGIN_SRC)
-    (d / f'{UNREGISTERED}.py').write_text(UNREGISTERED_SRC)
-    sys.path.insert(0, str(d))
-    importlib.invalidate_caches()
-    yield d
-    sys.path.remove(str(d))
+def plugin_dir():
+    """The plugin modules' directory, tests/parts (on sys.path through conftest)."""
+    return PARTS_DIR
 
 
 def base_cfg(work_dir) -> dict:
@@ -108,7 +51,7 @@ def base_cfg(work_dir) -> dict:
                              'by_epoch': False, 'begin': 0, 'end': 2}],
         'val_dataloader': {'dataset': {'type': 'SafetyData', 'n': 8}, 'batch_size': 8},
         'val_cfg': {},
-        'val_evaluator': [{'type': 'SafetyMSE'}],
+        'val_evaluator': [{'type': 'MSE'}],
         'custom_hooks': [{'type': 'EmptyCacheHook'}],
         'default_hooks': {'checkpoint': None},
         'randomness': {'seed': 0},
@@ -172,7 +115,7 @@ def _set(cfg: dict, level: str, t: str, kw: dict) -> None:
     elif level == 'val_evaluator':
         cfg['val_evaluator'] = d
     elif level == 'val_evaluator[1]':
-        cfg['val_evaluator'] = [{'type': 'SafetyMSE'}, d]
+        cfg['val_evaluator'] = [{'type': 'MSE'}, d]
     elif level == 'val_evaluator.metrics[0]':
         cfg['val_evaluator'] = {'type': 'Evaluator', 'metrics': [d]}
     elif level == 'train_cfg':
@@ -295,7 +238,7 @@ def test_cli_trains_a_yaml_config_of_registered_allowed_and_plugin_types(tmp_pat
 
 def test_json_config_trains_in_process(tmp_path, plugin_dir):
     cfg = base_cfg(tmp_path / 'work')
-    cfg['val_evaluator'] = {'type': 'Evaluator', 'metrics': [{'type': 'SafetyMSE'}]}
+    cfg['val_evaluator'] = {'type': 'Evaluator', 'metrics': [{'type': 'MSE'}]}
     cfg['train_cfg'] = {'type': 'IterBasedTrainLoop', 'max_iters': 2, 'val_interval': 2}
     runner = RUNNERS.build(Config.fromfile(write_cfg(tmp_path / 'ok.json', cfg)))
     try:

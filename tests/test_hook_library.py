@@ -109,7 +109,7 @@ class EvalRecorder(UpdateRecorder):
 def _with_test(tiny_parts, work, **over):
     from conftest import RegressionData
     return tiny_parts(work, test_dataloader=dict(dataset=RegressionData(8, seed=3), batch_size=4),
-                      test_evaluator=dict(type='NegMSE'), test_cfg=dict(), **over)
+                      test_evaluator=dict(type='MSE'), test_cfg=dict(), **over)
 
 
 def test_ema_test_after_train_and_from_load_from_use_the_average(tmp_path, tiny_parts):

@@ -71,13 +71,12 @@ def test_default_and_custom_hooks_from_config(tmp_path, tiny_parts):
 
 
 def test_default_hooks_are_the_standard_ones(tmp_path, tiny_parts):
-    runner = Runner(**tiny_parts(tmp_path))
-    runner.train()
-    kinds = [type(h) for h in runner.hooks]
-    assert kinds == [NanGuardHook, IterTimerHook, DistSamplerSeedHook, LoggerHook,
-                     ParamSchedulerHook, CheckpointHook]
-    assert [h.priority for h in runner.hooks] == [10, 50, 50, 60, 70, 90]
-    runner.close()
+    with Runner(**tiny_parts(tmp_path)) as runner:
+        runner.train()
+        kinds = [type(h) for h in runner.hooks]
+        assert kinds == [NanGuardHook, IterTimerHook, DistSamplerSeedHook, LoggerHook,
+                         ParamSchedulerHook, CheckpointHook]
+        assert [h.priority for h in runner.hooks] == [10, 50, 50, 60, 70, 90]
 
 
 def test_invalid_priority_in_config(tmp_path, tiny_parts):
@@ -120,18 +119,18 @@ def _hooks_in_cache(runner, point):
 
 def test_dispatch_only_to_overriding_hooks(tmp_path, tiny_parts):
     quiet, it = OnlyRunPoints(), IterPoint()
-    runner = Runner(**tiny_parts(tmp_path, custom_hooks=[quiet, it]))
-    runner.train()
-    assert it.n == runner.iter == 16
-    assert quiet.calls == ['before_run', 'after_run']
-    in_iter = _hooks_in_cache(runner, 'after_train_iter')
-    assert it in in_iter and quiet not in in_iter
-    assert quiet not in _hooks_in_cache(runner, 'before_train_iter')
-    # IterTimerHook has no after_train_epoch, CheckpointHook has.
-    in_epoch = [type(h) for h in _hooks_in_cache(runner, 'after_train_epoch')]
-    assert CheckpointHook in in_epoch and IterTimerHook not in in_epoch and IterPoint not in in_epoch
-    assert quiet in _hooks_in_cache(runner, 'before_run')
-    runner.close()
+    with Runner(**tiny_parts(tmp_path, custom_hooks=[quiet, it])) as runner:
+        runner.train()
+        assert it.n == runner.iter == 16
+        assert quiet.calls == ['before_run', 'after_run']
+        in_iter = _hooks_in_cache(runner, 'after_train_iter')
+        assert it in in_iter and quiet not in in_iter
+        assert quiet not in _hooks_in_cache(runner, 'before_train_iter')
+        # IterTimerHook has no after_train_epoch, CheckpointHook has.
+        in_epoch = [type(h) for h in _hooks_in_cache(runner, 'after_train_epoch')]
+        assert (CheckpointHook in in_epoch and IterTimerHook not in in_epoch
+                and IterPoint not in in_epoch)
+        assert quiet in _hooks_in_cache(runner, 'before_run')
 
 
 class Misspelt(Hook):
@@ -212,8 +211,8 @@ def test_hook_helpers_count_completed_work(tmp_path, tiny_parts):
     parts = tiny_parts(tmp_path, custom_hooks=[Helpers()],
                        train_dataloader=dict(dataset=RegressionData(8), batch_size=4),
                        train_cfg=dict(by_epoch=True, max_epochs=3))
-    runner = Runner(**parts)
-    runner.train()
+    with Runner(**parts) as runner:
+        runner.train()
     assert seen == [
         ('iter', 1, False, False, False, False), ('iter', 2, False, False, True, True),
         ('epoch', 1, False, False),
@@ -221,7 +220,6 @@ def test_hook_helpers_count_completed_work(tmp_path, tiny_parts):
         ('epoch', 2, True, False),
         ('iter', 5, False, False, False, False), ('iter', 6, True, True, True, True),
         ('epoch', 3, False, True)]
-    runner.close()
 
 
 def test_hook_helpers_edge_cases(tmp_path, tiny_parts):
@@ -240,10 +238,9 @@ def test_hook_helpers_edge_cases(tmp_path, tiny_parts):
     parts = tiny_parts(tmp_path, custom_hooks=[Helpers()], val_cfg=None, val_dataloader=None,
                        val_evaluator=None, train_dataloader=dict(dataset=RegressionData(8), batch_size=4),
                        train_cfg=dict(by_epoch=False, max_iters=4))
-    runner = Runner(**parts)
-    runner.train()
+    with Runner(**parts) as runner:
+        runner.train()
     # iter 1 is `start`: nothing done since; iter 3 is 2 after it
     assert seen == [(1, False, False, False, False, False), (2, False, False, False, False, False),
                     (3, True, False, False, False, False), (4, False, False, False, True, False),
                     ('epoch', False, False)]
-    runner.close()

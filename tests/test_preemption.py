@@ -98,3 +98,23 @@ def test_two_processes_agree_when_only_rank_1_is_signalled(tmp_path, tmp_path_fa
     proc = run_cli(cfg, work, parts_dir, nproc=2, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert final_model(work, 'iter') == baseline(tmp_path_factory, parts_dir, 'iter', nproc=2)
+
+
+@pytest.mark.parametrize('loop', ['iter', 'epoch'])
+def test_signal_during_the_final_validation_stops_it_and_exits_128_plus_signum(tmp_path, parts_dir,
+                                                                             loop):
+    """After the last iteration the training is complete and saved: the final validation stops
+    at its next batch, the log says what happened, and the exit code says the run was stopped."""
+    cfg, work = make_cfg(loop), tmp_path / 'work'
+    seen = tmp_path / 'val_batches'
+    proc = run_cli(cfg, work, parts_dir, env={'SR_SIGNAL_IN_VAL': f'SIGTERM:{FINAL[loop]}',
+                                              'SR_VAL_SEEN': str(seen)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 143, out[-3000:]
+    assert 'SIGTERM received during the final validation: the training finished and its last ' \
+           f'checkpoint {work / "checkpoints" / f"iter_{FINAL[loop]}"} is complete' in out, out[-3000:]
+    assert seen.read_text().split() == ['0']  # stopped at the batch after the signal (of 4)
+    root = work / 'checkpoints'
+    assert (root / 'latest').read_text().strip() == f'iter_{FINAL[loop]}'
+    from scale_runner.checkpoint import find_resumable
+    assert find_resumable(root)['state']['train_state']['iter'] == FINAL[loop]

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import PARTS_DIR
 
 from scale_runner.errors import ConfigError
 from scale_runner.registry import Registry
@@ -426,37 +427,12 @@ def test_torch_lr_schedulers_are_preregistered():
 
 # One fresh interpreter (importing torch is the slow part) checks everything that needs a
 # process in which no registry has been loaded yet; each test below reads its own lines.
-_FRESH_SCRIPT = textwrap.dedent('''
-    import sys
-    from scale_runner.registry import LOOPS, HOOKS, DATA_SAMPLERS, EVALUATORS, RUNNERS, OPTIMIZERS
-    print('LAZY_MODULES', 'scale_runner.loops' in sys.modules, 'scale_runner.hooks' in sys.modules)
-    from scale_runner.registry import PARAM_SCHEDULERS
-    # the next two checks are about registries that have not been loaded yet
-    assert not OPTIMIZERS._loaded and not PARAM_SCHEDULERS._loaded
-    # taking a built-in's name fails at the user's call, not later inside the built-ins' import
-    class SGD: pass
-    try:
-        OPTIMIZERS.register_module(module=SGD)
-    except KeyError as e:
-        print('CLASH REFUSED')
-    else:
-        print('CLASH ACCEPTED')
-    print('CLASH_KEPT', OPTIMIZERS.get('SGD').__module__)
-    # a new name registered before the lazy load must not hide the built-ins
-    PARAM_SCHEDULERS.register_module(name='MySched', module=dict)
-    print('EARLY_REGISTER', 'StepLR' in PARAM_SCHEDULERS, 'MySched' in PARAM_SCHEDULERS)
-    print('LAZY_LOOPS', 'EpochBasedTrainLoop' in LOOPS)
-    print('LAZY_HOOKS', 'CheckpointHook' in HOOKS, 'LoggerHook' in HOOKS, 'IterTimerHook' in HOOKS,
-          'ParamSchedulerHook' in HOOKS)
-    print('LAZY_OTHERS', 'DefaultSampler' in DATA_SAMPLERS, 'Evaluator' in EVALUATORS,
-          'Runner' in RUNNERS)
-    print('ALL_LOOPS', 'IterBasedTrainLoop' in LOOPS, 'ValLoop' in LOOPS, 'TestLoop' in LOOPS)
-''')
+_FRESH_SCRIPT = PARTS_DIR / 'registry_fresh_probe.py'
 
 
 @pytest.fixture(scope='module')
 def fresh_process():
-    out = subprocess.run([sys.executable, '-c', _FRESH_SCRIPT], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(_FRESH_SCRIPT)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     return {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}

@@ -3,9 +3,9 @@ one of a run that was never stopped.
 
 Every run (also the uninterrupted baseline) trains a dropout MLP with AdamW, a warmup+cosine
 schedule and gradient accumulation; a test-only hook (``SR_KILL``, imported through
-``custom_imports`` from a module written into a temporary directory) kills the process with
-SIGKILL at a chosen point. One-process runs are forked from the test process (no interpreter
-start-up, so the default suite stays fast) or started through the CLI; two-process runs go
+``custom_imports`` from tests/parts/sr_resume_parts.py) kills the process with SIGKILL at a
+chosen point. One-process runs are forked from the test process (no interpreter start-up, so
+the default suite stays fast) or started through the CLI; two-process runs go
 through ``accelerate launch`` on gloo. The default suite runs a few representative cases; the
 full matrix is marked ``slow`` (``pytest -m slow``).
 """
@@ -22,127 +22,9 @@ import traceback
 from pathlib import Path
 
 import pytest
+from conftest import PARTS_DIR
 
-PARTS_MODULE = 'sr_resume_parts'
-PARTS_SRC = '''
-import os
-import signal
-
-import torch
-from torch import nn
-
-from scale_runner.evaluation import BaseMetric
-from scale_runner.hooks.hook import Hook
-from scale_runner.registry import DATASETS, HOOKS, METRICS, MODELS
-
-
-@DATASETS.register_module(force=True)
-class ResumeData(torch.utils.data.Dataset):
-    """Deterministic regression samples; appends every index read to $SR_READS if set."""
-
-    def __init__(self, size=40, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(size, 4, generator=g)
-        self.y = self.x @ torch.randn(4, 1, generator=g) + 0.1 * torch.randn(size, 1, generator=g)
-        self.reads = []
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        self.reads.append(int(i))
-        return {'x': self.x[i], 'y': self.y[i]}
-
-
-@MODELS.register_module(force=True)
-class DropoutNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(123)
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x, y=None):
-        pred = self.net(x)
-        out = {'pred': pred}
-        if y is not None:
-            out['loss'] = nn.functional.mse_loss(pred, y)
-        return out
-
-
-@METRICS.register_module(force=True)
-class ResumeMSE(BaseMetric):
-    def process(self, data_batch, data_samples):
-        for p, y in zip(data_samples['pred'], data_batch['y']):
-            self.results.append(float((p - y).pow(2).mean()))
-
-    def compute_metrics(self, results):
-        return {'mse': sum(results) / len(results)}
-
-
-@HOOKS.register_module(force=True)
-class KillHook(Hook):
-    """SR_KILL='point:n': SIGKILL this process there. HIGHEST priority, so 'iter:n' kills
-    before CheckpointHook saves iteration n; 'val:n' kills in the validation after iteration n."""
-
-    priority = 'HIGHEST'
-
-    def __init__(self):
-        spec = os.environ.get('SR_KILL', '')
-        self.points = dict(p.split(':') for p in spec.split(',') if p)
-
-    def _kill(self, point, n):
-        if self.points.get(point) == str(n):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        self._kill('iter', runner.iter)
-
-    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        self._kill('val', runner.iter)
-
-
-@HOOKS.register_module(force=True)
-class LateKillHook(KillHook):
-    """LOWEST priority: 'after_save:n' kills right after CheckpointHook saved iteration n,
-    'epoch:e' right after epoch e ended (its checkpoint, if any, written)."""
-
-    priority = 'LOWEST'
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        self._kill('after_save', runner.iter)
-
-    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        pass
-
-    def after_train_epoch(self, runner):
-        self._kill('epoch', runner.epoch)
-
-
-@HOOKS.register_module(force=True)
-class SignalHook(Hook):
-    """SR_SIGNAL='NAME:n[:rank]': send signal NAME to this process after iteration n (only on
-    that rank if given); SR_SIGNAL_IN_SAVE='NAME,...': send those while a checkpoint is saved."""
-
-    priority = 'HIGHEST'
-
-    def __init__(self):
-        spec = os.environ.get('SR_SIGNAL', '')
-        self.spec = spec.split(':') if spec else None
-        self.in_save = os.environ.get('SR_SIGNAL_IN_SAVE')
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        if (self.spec and runner.iter == int(self.spec[1])
-                and (len(self.spec) < 3 or int(self.spec[2]) == runner.accelerator.process_index)):
-            os.kill(os.getpid(), getattr(signal, self.spec[0]))
-
-    def before_save_checkpoint(self, runner, checkpoint):
-        if self.in_save and self.spec and runner.iter >= int(self.spec[1]):
-            for name in self.in_save.split(','):
-                os.kill(os.getpid(), getattr(signal, name))
-'''
+PARTS_MODULE = 'sr_resume_parts'  # tests/parts/sr_resume_parts.py
 
 # One pass = 10 iterations (40 samples, 4 per iteration over all processes).
 FINAL = {'epoch': 20, 'iter': 16}
@@ -185,7 +67,7 @@ def make_cfg(loop: str = 'iter', nproc: int = 1, workers: int = 0,
                               num_workers=workers,
                               sampler=dict(type='DefaultSampler', shuffle=True)),
         val_dataloader=dict(dataset=dict(type='ResumeData', size=16, seed=1), batch_size=4),
-        val_evaluator=dict(type='ResumeMSE'),
+        val_evaluator=dict(type='MSE'),
         val_cfg=dict(),
         train_cfg=(dict(by_epoch=True, max_epochs=2, val_interval=1) if epoch
                    else dict(by_epoch=False, max_iters=FINAL['iter'], val_interval=5)),
@@ -204,20 +86,15 @@ def make_cfg(loop: str = 'iter', nproc: int = 1, workers: int = 0,
 
 @pytest.fixture(scope='session')
 def parts_dir(tmp_path_factory):
-    """The parts module, written once and importable here and in subprocesses."""
-    d = tmp_path_factory.mktemp('resume_parts')
-    (d / f'{PARTS_MODULE}.py').write_text(PARTS_SRC)
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-    if PARTS_MODULE in sys.modules:  # written by another session-scoped fixture: reuse it
-        return Path(sys.modules[PARTS_MODULE].__file__).parent
+    """The directory of the parts module (tests/parts, on sys.path through conftest), imported
+    here; subprocesses get it on their PYTHONPATH (``_env``)."""
     importlib.import_module(PARTS_MODULE)
     # Forked runs inherit what this process imported: building an optimizer the first time
     # imports torch._dynamo (seconds), so do it once here rather than in every child.
     import torch
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     import accelerate  # noqa: F401
-    return d
+    return PARTS_DIR
 
 
 def _env(parts_dir: Path, kill: str | None) -> dict:

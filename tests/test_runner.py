@@ -39,12 +39,11 @@ def _test_only(tmp_path, **over):
 
 def test_runner_type_selects_registered_subclass(tmp_path):
     MyRunner.setup_calls = 0
-    runner = RUNNERS.build(_test_only(tmp_path, runner_type='MyRunner'))
-    assert type(runner) is MyRunner and MyRunner.setup_calls == 0
-    metrics = runner.test()
-    assert MyRunner.setup_calls == 1 and runner.env_ready
-    assert set(metrics) == {'accuracy'}
-    runner.close()
+    with RUNNERS.build(_test_only(tmp_path, runner_type='MyRunner')) as runner:
+        assert type(runner) is MyRunner and MyRunner.setup_calls == 0
+        metrics = runner.test()
+        assert MyRunner.setup_calls == 1 and runner.env_ready
+        assert set(metrics) == {'accuracy'}
     plain = RUNNERS.build(_test_only(tmp_path / 'plain'))
     assert type(plain) is Runner
 
@@ -56,13 +55,12 @@ def test_runner_type_unknown(tmp_path):
 
 # ---- lazy initialization --------------------------------------------------------------------
 def test_test_only_config(tmp_path):
-    runner = Runner.from_cfg(_test_only(tmp_path))
-    assert runner.accelerator is None and runner.optim_wrapper is None
-    metrics = runner.test()
-    assert set(metrics) == {'accuracy'} and 0.0 <= metrics['accuracy'] <= 1.0
-    assert runner.optim_wrapper is None and runner.train_loop is None
-    assert (runner.log_dir / 'config.py').is_file()
-    runner.close()
+    with Runner.from_cfg(_test_only(tmp_path)) as runner:
+        assert runner.accelerator is None and runner.optim_wrapper is None
+        metrics = runner.test()
+        assert set(metrics) == {'accuracy'} and 0.0 <= metrics['accuracy'] <= 1.0
+        assert runner.optim_wrapper is None and runner.train_loop is None
+        assert (runner.log_dir / 'config.py').is_file()
 
 
 def test_nothing_is_built_at_construction(tmp_path, tiny_parts):
@@ -97,11 +95,10 @@ def test_val_without_evaluator_names_it(tmp_path, tiny_parts):
 
 
 def test_train_without_val_returns_empty(tmp_path, tiny_parts):
-    runner = Runner(**tiny_parts(tmp_path, val_dataloader=None, val_cfg=None, val_evaluator=None,
-                                 train_cfg=dict(by_epoch=True, max_epochs=1)))
-    assert runner.train() == {}
-    assert runner.val_loop is None and runner.iter == 8
-    runner.close()
+    with Runner(**tiny_parts(tmp_path, val_dataloader=None, val_cfg=None, val_evaluator=None,
+                             train_cfg=dict(by_epoch=True, max_epochs=1))) as runner:
+        assert runner.train() == {}
+        assert runner.val_loop is None and runner.iter == 8
 
 
 # ---- model contract -------------------------------------------------------------------------
@@ -169,12 +166,12 @@ def test_model_contract_trains(tmp_path, model_cls):
     torch.manual_seed(0)
     model, data, hook = model_cls(), PairData(32), OutputsHook()
     before = _mse(model, data)
-    runner = Runner(model=model, work_dir=str(tmp_path), log_level='WARNING',
-                    train_dataloader=dict(dataset=data, batch_size=8),
-                    train_cfg=dict(by_epoch=True, max_epochs=5),
-                    optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-                    default_hooks=NO_HOOKS, custom_hooks=[hook])
-    runner.train()
+    with Runner(model=model, work_dir=str(tmp_path), log_level='WARNING',
+                train_dataloader=dict(dataset=data, batch_size=8),
+                train_cfg=dict(by_epoch=True, max_epochs=5),
+                optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+                default_hooks=NO_HOOKS, custom_hooks=[hook]) as runner:
+        runner.train()
     assert _mse(model, data) < 0.5 * before
     outputs, batch = hook.outputs[-1]
     assert isinstance(batch, list) and len(batch) == 2
@@ -183,7 +180,6 @@ def test_model_contract_trains(tmp_path, model_cls):
         # Every key containing 'loss' is summed into the loss; each is logged too.
         assert set(outputs) == {'loss', 'loss_mse', 'loss_l1'}
         assert torch.allclose(outputs['loss'], outputs['loss_mse'] + outputs['loss_l1'])
-    runner.close()
 
 
 def test_base_model_val_uses_predict_mode(tmp_path):
@@ -202,12 +198,11 @@ def test_base_model_val_uses_predict_mode(tmp_path):
         def compute_metrics(self, results):
             return {'n': len(results)}
 
-    runner = Runner(model=MMRegressor(), work_dir=str(tmp_path), log_level='WARNING',
-                    val_dataloader=dict(dataset=PairData(10), batch_size=4), val_cfg=dict(),
-                    val_evaluator=Collect(), default_hooks=NO_HOOKS)
-    assert runner.val() == {'n': 3}
+    with Runner(model=MMRegressor(), work_dir=str(tmp_path), log_level='WARNING',
+                val_dataloader=dict(dataset=PairData(10), batch_size=4), val_cfg=dict(),
+                val_evaluator=Collect(), default_hooks=NO_HOOKS) as runner:
+        assert runner.val() == {'n': 3}
     assert seen == [['pred']] * 3
-    runner.close()
 
 
 def test_parse_losses_rules():
@@ -251,15 +246,15 @@ def test_gradient_accumulation_matches_reference(tmp_path):
             updates.append(runner.optim_wrapper.update_count)
 
     from scale_runner import OptimWrapper
-    runner = Runner(model=model, work_dir=str(tmp_path), log_level='WARNING',
-                    train_dataloader=dict(dataset=data, batch_size=2,
-                                          sampler=dict(type='DefaultSampler', shuffle=False)),
-                    train_cfg=dict(by_epoch=True, max_epochs=1),
-                    optim_wrapper=OptimWrapper(optimizer, accumulative_counts=4),
-                    default_hooks=NO_HOOKS, custom_hooks=[UpdateCount()])
-    ref[0] = runner
-    runner.train()
-    assert runner.max_iters == 10 and runner.iter == 10
+    with Runner(model=model, work_dir=str(tmp_path), log_level='WARNING',
+                train_dataloader=dict(dataset=data, batch_size=2,
+                                      sampler=dict(type='DefaultSampler', shuffle=False)),
+                train_cfg=dict(by_epoch=True, max_epochs=1),
+                optim_wrapper=OptimWrapper(optimizer, accumulative_counts=4),
+                default_hooks=NO_HOOKS, custom_hooks=[UpdateCount()]) as runner:
+        ref[0] = runner
+        runner.train()
+        assert runner.max_iters == 10 and runner.iter == 10
     assert counter.at == [4, 8, 10]
     assert updates == [0, 0, 0, 1, 1, 1, 1, 2, 2, 3]
 
@@ -286,7 +281,6 @@ def test_gradient_accumulation_matches_reference(tmp_path):
             (nn.functional.mse_loss(wrong.linear(x), y) / 4).backward()
         wrong_opt.step()
     assert not torch.allclose(model.linear.weight, wrong.linear.weight, atol=1e-6)
-    runner.close()
 
 
 def test_update_params_direct_path_equals_the_general_one(tmp_path, tiny_parts):
@@ -306,14 +300,13 @@ def test_update_params_direct_path_equals_the_general_one(tmp_path, tiny_parts):
     for kind, cls in (('direct', OptimWrapper), ('general', Counted)):
         torch.manual_seed(0)
         model = PlainRegressor()
-        runner = Runner(**tiny_parts(tmp_path / kind, model=model,
-                                     optim_wrapper=cls(torch.optim.AdamW(model.parameters(), lr=0.01)),
-                                     default_hooks=dict(logger=None, checkpoint=None)))
-        runner.train()
-        assert (runner.optim_wrapper._fast_raw is not None) == (kind == 'direct')
-        results[kind] = ({k: v.clone() for k, v in model.state_dict().items()},
-                         runner.optim_wrapper.update_count)
-        runner.close()
+        with Runner(**tiny_parts(tmp_path / kind, model=model,
+                                 optim_wrapper=cls(torch.optim.AdamW(model.parameters(), lr=0.01)),
+                                 default_hooks=dict(logger=None, checkpoint=None))) as runner:
+            runner.train()
+            assert (runner.optim_wrapper._direct is not None) == (kind == 'direct')
+            results[kind] = ({k: v.clone() for k, v in model.state_dict().items()},
+                             runner.optim_wrapper.update_count)
     assert Counted.steps == results['general'][1] == results['direct'][1] == 16
     for k, v in results['direct'][0].items():
         assert torch.equal(v, results['general'][0][k]), k
@@ -324,20 +317,20 @@ def test_grad_clipping_logs_grad_norm(tmp_path, tiny_parts):
     model = PlainRegressor()
     before = [p.detach().clone() for p in model.parameters()]
     lr, max_norm = 0.05, 0.01
-    runner = Runner(**tiny_parts(
-        tmp_path, model=model, val_dataloader=None, val_cfg=None, val_evaluator=None,
-        train_cfg=dict(by_epoch=False, max_iters=1),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=lr), clip_grad=dict(max_norm=max_norm)),
-        default_hooks=dict(logger=dict(interval=1), checkpoint=None)))
-    runner.train()
-    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
-    assert float(step.norm()) == pytest.approx(lr * max_norm, rel=1e-4)  # clipped to max_norm
-    records = [json.loads(line) for line in (runner.log_dir / 'scalars.jsonl').read_text().splitlines()]
-    train = [r for r in records if 'grad_norm' in r]
-    assert len(train) == 1 and train[0]['step'] == 1
-    assert train[0]['grad_norm'] > max_norm  # the norm before clipping
-    assert 'loss' in train[0] and train[0]['lr'] == pytest.approx(lr)
-    runner.close()
+    with Runner(**tiny_parts(
+            tmp_path, model=model, val_dataloader=None, val_cfg=None, val_evaluator=None,
+            train_cfg=dict(by_epoch=False, max_iters=1),
+            optim_wrapper=dict(optimizer=dict(type='SGD', lr=lr), clip_grad=dict(max_norm=max_norm)),
+            default_hooks=dict(logger=dict(interval=1), checkpoint=None))) as runner:
+        runner.train()
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        assert float(step.norm()) == pytest.approx(lr * max_norm, rel=1e-4)  # clipped to max_norm
+        records = [json.loads(line)
+                   for line in (runner.log_dir / 'scalars.jsonl').read_text().splitlines()]
+        train = [r for r in records if 'grad_norm' in r]
+        assert len(train) == 1 and train[0]['step'] == 1
+        assert train[0]['grad_norm'] > max_norm  # the norm before clipping
+        assert 'loss' in train[0] and train[0]['lr'] == pytest.approx(lr)
 
 
 # ---- parameter schedulers -------------------------------------------------------------------
@@ -353,14 +346,13 @@ class LrRecorder(Hook):
 
 def _sched_run(tmp_path, param_scheduler, train_cfg, n=16, batch_size=4, accumulative_counts=1):
     rec = LrRecorder()
-    runner = Runner(model=PlainRegressor(), work_dir=str(tmp_path), log_level='WARNING',
-                    train_dataloader=dict(dataset=RegressionData(n), batch_size=batch_size),
-                    train_cfg=train_cfg, param_scheduler=param_scheduler,
-                    optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1),
-                                       accumulative_counts=accumulative_counts),
-                    default_hooks=NO_HOOKS, custom_hooks=[rec])
-    runner.train()
-    runner.close()
+    with Runner(model=PlainRegressor(), work_dir=str(tmp_path), log_level='WARNING',
+                train_dataloader=dict(dataset=RegressionData(n), batch_size=batch_size),
+                train_cfg=train_cfg, param_scheduler=param_scheduler,
+                optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1),
+                                   accumulative_counts=accumulative_counts),
+                default_hooks=NO_HOOKS, custom_hooks=[rec]) as runner:
+        runner.train()
     return rec
 
 
@@ -455,8 +447,7 @@ def test_evaluator_duplicate_metric_names():
 def test_runner_writes_config_and_log(tmp_path, tiny_parts):
     from scale_runner import Config
     cfg = Config(dict(tiny_parts(tmp_path, train_cfg=dict(by_epoch=True, max_epochs=1))))
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    assert (runner.log_dir / 'config.py').is_file()
-    assert (runner.log_dir / f'{runner.experiment_name}.log').is_file()
-    runner.close()
+    with Runner.from_cfg(cfg) as runner:
+        runner.train()
+        assert (runner.log_dir / 'config.py').is_file()
+        assert (runner.log_dir / f'{runner.experiment_name}.log').is_file()

@@ -92,7 +92,7 @@ def test_wandb_and_tensorboard_match_scalars_file_across_resume(tmp_path, tiny_p
                 dict(type='tensorboard')]
     common = dict(trackers=trackers, default_hooks=dict(logger=dict(interval=3)),
                   test_dataloader=dict(dataset=RegressionData(12, seed=2), batch_size=8),
-                  test_cfg=dict(), test_evaluator=dict(type='NegMSE'))
+                  test_cfg=dict(), test_evaluator=dict(type='MSE'))
     cfg = dict(model=dict(type='SomeModel'), train_cfg=dict(max_epochs=1), lr=0.05)
     first = Runner(**tiny_parts(tmp_path, train_cfg=dict(by_epoch=True, max_epochs=1),
                                 experiment_name='first', cfg=cfg, **common))

@@ -174,6 +174,10 @@ class CheckpointHook(Hook):
         if self.preemption is not None:
             self.preemption.after_run(runner)
 
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self.preemption is not None:
+            self.preemption.after_val_iter(runner, batch_idx)
+
     def after_train_epoch(self, runner) -> None:
         if self.by_epoch and self._due(runner.epoch, runner.state.max_epochs):
             self._save(runner, runner.epoch)

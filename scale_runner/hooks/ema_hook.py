@@ -60,7 +60,6 @@ class EMAHook(Hook):
         self._names: list[str] = []
         self._src: list[torch.Tensor] = []
         self._ema: list[torch.Tensor] = []
-        self._seen_updates = 0
         self._swapped = False
         self._model = None  # the module whose weights are averaged
 
@@ -90,7 +89,6 @@ class EMAHook(Hook):
                                'load_from checkpoint')
 
     def before_train(self, runner) -> None:
-        self._seen_updates = runner.optim_wrapper.update_count
         if runner.max_epochs is not None and self.begin_epoch > runner.max_epochs:
             runner.logger.warning(f'EMAHook.begin_epoch={self.begin_epoch} > max_epochs: no averaging')
         elif runner.max_iters is not None and self.begin_iter > runner.max_iters:
@@ -98,10 +96,8 @@ class EMAHook(Hook):
 
     # ---- averaging --------------------------------------------------------------------------
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        updates = runner.optim_wrapper.update_count
-        if updates == self._seen_updates:
+        if not runner.state.stepped:
             return  # a micro-batch inside an accumulation window, or a skipped update
-        self._seen_updates = updates
         with torch.no_grad():
             if runner.iter < self.begin_iter or runner.epoch + 1 < self.begin_epoch:
                 torch._foreach_copy_(self._ema, self._src)  # not started: follow the weights

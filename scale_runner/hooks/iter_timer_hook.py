@@ -10,7 +10,7 @@ from .hook import Hook
 
 @HOOKS.register_module()
 class IterTimerHook(Hook):
-    """Times every iteration of every loop and reports, per logging window and stage, to
+    """Times every iteration of every loop and reports, per logging window and mode, to
     ``runner.log_buffer`` (as a window source, see :class:`~scale_runner.logs.LogBuffer`):
 
     - ``data_time``: mean seconds spent waiting for the batch;
@@ -37,7 +37,7 @@ class IterTimerHook(Hook):
         self._eval_start = 0.0
         self._procs = 1
         self._device = None  # the accelerator's device, once known (False: none)
-        self._train = _Window(0.0)  # one window per stage, replaced when the stage starts
+        self._train = _Window(0.0)  # one window per mode, replaced when the mode starts
         self._val = _Window(0.0)
         self._test = _Window(0.0)
         self._rows = _unknown  # the batch-size reader, made for the first batch's structure
@@ -106,15 +106,15 @@ class IterTimerHook(Hook):
                 window.tokens.append(tokens)
 
     # ---- the LogBuffer source protocol ----------------------------------------------------------
-    def _window(self, stage: str) -> _Window | None:
-        return {'train': self._train, 'val': self._val, 'test': self._test}.get(stage)
+    def _window(self, mode: str) -> _Window | None:
+        return {'train': self._train, 'val': self._val, 'test': self._test}.get(mode)
 
-    def window_means(self, stage: str) -> dict:
-        window = self._window(stage)
+    def window_means(self, mode: str) -> dict:
+        window = self._window(mode)
         return window.means(self._procs) if window is not None else {}
 
-    def clear_window(self, stage: str) -> None:
-        window = self._window(stage)
+    def clear_window(self, mode: str) -> None:
+        window = self._window(mode)
         if window is not None:
             window.clear()
 
@@ -147,7 +147,7 @@ class IterTimerHook(Hook):
 
 
 class _Window:
-    """One stage's iterations since its last logged line: when each batch was ready, when each
+    """One mode's iterations since its last logged line: when each batch was ready, when each
     iteration ended, the batch sizes and token counts. Iteration ``i`` starts where ``i - 1``
     ended, unless the loop was left in between (``resume``)."""
 

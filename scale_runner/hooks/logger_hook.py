@@ -184,42 +184,42 @@ class LoggerHook(Hook):
     def after_test_epoch(self, runner, metrics=None) -> None:
         self._after_eval(runner, 'test', metrics)
 
-    def _before_eval(self, runner, stage: str) -> None:
+    def _before_eval(self, runner, mode: str) -> None:
         self._trackers.start(runner)
-        runner.log_buffer.clear_window(stage)
+        runner.log_buffer.clear_window(mode)
         if self._bar is not None:
-            self._bar.start_task(stage, _len(_eval_loader(runner, stage)))
+            self._bar.start_task(mode, _len(_eval_loader(runner, mode)))
 
-    def _eval_head(self, runner, stage: str, done: int, total: int) -> str:
+    def _eval_head(self, runner, mode: str, done: int, total: int) -> str:
         width = len(str(total))
         if self.by_epoch and runner.state.max_epochs:
-            return f'Epoch({stage}) [{max(runner.epoch, 1)}][{done:>{width}}/{total}]'
-        return f'Iter({stage}) [{done:>{width}}/{total}]'
+            return f'Epoch({mode}) [{max(runner.epoch, 1)}][{done:>{width}}/{total}]'
+        return f'Iter({mode}) [{done:>{width}}/{total}]'
 
-    def _eval_iter(self, runner, stage: str, batch_idx: int) -> None:
+    def _eval_iter(self, runner, mode: str, batch_idx: int) -> None:
         if self._bar is not None:
-            self._bar.advance(stage)
+            self._bar.advance(mode)
         done = batch_idx + 1
-        total = _len(_eval_loader(runner, stage))
+        total = _len(_eval_loader(runner, mode))
         if done % self.interval or done == total:  # the last one: the metrics line follows
             return
         timer = runner.get_hook('IterTimerHook')
         eta = timer.eval_eta_seconds(done, total) if timer is not None else None
-        means = runner.log_buffer.means(stage)
-        runner.logger.info(f'{self._eval_head(runner, stage, done, total)}  {format_values(means, eta)}')
+        means = runner.log_buffer.means(mode)
+        runner.logger.info(f'{self._eval_head(runner, mode, done, total)}  {format_values(means, eta)}')
 
-    def _after_eval(self, runner, stage: str, metrics: dict | None) -> None:
+    def _after_eval(self, runner, mode: str, metrics: dict | None) -> None:
         if self._bar is not None:
-            self._bar.end_task(stage)
+            self._bar.end_task(mode)
         metrics = dict(metrics or {})
-        total = _len(_eval_loader(runner, stage))
-        means = runner.log_buffer.means(stage)
+        total = _len(_eval_loader(runner, mode))
+        means = runner.log_buffer.means(mode)
         timing = {k: means[k] for k in FIRST_KEYS if k in means}
-        runner.log_buffer.clear_window(stage)
+        runner.log_buffer.clear_window(mode)
         line = format_values({**metrics, **timing}, None, order=False)
-        runner.logger.info(f'{self._eval_head(runner, stage, total, total)}  {line}')
+        runner.logger.info(f'{self._eval_head(runner, mode, total, total)}  {line}')
         # The loop's own loss is named `val_loss`/`test_loss`; the tracker key is `val/loss`.
-        self._emit(runner, {f'{stage}/{k[len(stage) + 1:] if k == f"{stage}_loss" else k}': v
+        self._emit(runner, {f'{mode}/{k[len(mode) + 1:] if k == f"{mode}_loss" else k}': v
                             for k, v in metrics.items()})
         self._flush()  # validation is rare and its numbers are the ones people wait for
 
@@ -256,8 +256,8 @@ class LoggerHook(Hook):
             self._flushed = time.monotonic()
 
 
-def _eval_loader(runner, stage: str):
-    loop = getattr(runner, f'{stage}_loop', None)
+def _eval_loader(runner, mode: str):
+    loop = getattr(runner, f'{mode}_loop', None)
     return getattr(loop, 'dataloader', None)
 
 

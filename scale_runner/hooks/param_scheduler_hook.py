@@ -7,22 +7,15 @@ from .hook import Hook
 
 @HOOKS.register_module()
 class ParamSchedulerHook(Hook):
-    """Iteration schedulers step after every optimizer *update* (not every micro-batch, and
-    once whatever the number of processes); epoch schedulers after every epoch."""
+    """Iteration schedulers step after every optimizer *update* (``runner.state.stepped``: not
+    every micro-batch, and once whatever the number of processes); epoch schedulers after every
+    epoch."""
 
     priority = 'LOW'
 
-    def __init__(self):
-        self._seen_updates = 0
-
-    def before_train(self, runner) -> None:
-        self._seen_updates = runner.optim_wrapper.update_count
-
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        updates = runner.optim_wrapper.update_count
-        if updates == self._seen_updates:
+        if not runner.state.stepped:
             return
-        self._seen_updates = updates
         for s in runner.param_schedulers:
             if not s.by_epoch:
                 s.step()

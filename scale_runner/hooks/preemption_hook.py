@@ -10,6 +10,11 @@ exit with code ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT, 138 for
 Under SLURM (``SLURM_JOB_ID`` set) the main process first runs
 ``scontrol requeue $SLURM_JOB_ID``; the requeued job resumes with ``--resume`` (``resume=True``)
 and continues the step numbering from the checkpoint.
+
+A signal after the last train iteration was checked — during the final validation or the
+final checkpoint — finds the training complete and saved: it is logged, the final validation
+stops at its next batch, nothing is requeued, and the process still exits ``128 + signal``,
+so that a scheduler does not count a stopped run as completed.
 """
 from __future__ import annotations
 
@@ -69,7 +74,36 @@ class PreemptionHook(Hook):
         self._previous.clear()
 
     def after_train(self, runner) -> None:
+        # A signal after the last iteration's check (final validation, final checkpoint): the
+        # training is complete and saved, but the run was stopped; say so, exit 128 + signal.
+        signum = self.agree()[0] if self._previous else 0
         self._restore()
+        if signum:
+            self.stop_finished(runner, signum, 'after the last train iteration')
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        """During the final validation (every train iteration done and saved) a signal stops
+        at once: a scheduler's grace period is short. Validation during training carries on;
+        its signal is handled at the next iteration boundary, where a checkpoint is exact."""
+        state = runner.state
+        if self._previous and state.max_iters is not None and state.iter >= state.max_iters:
+            signum = self.agree()[0]
+            if signum:
+                self.stop_finished(runner, signum, 'during the final validation')
+
+    def stop_finished(self, runner, signum: int, when: str) -> None:
+        """Exit ``128 + signum`` after a complete training whose last checkpoint is written."""
+        ckpt_hook = runner.get_hook('CheckpointHook')
+        root = getattr(ckpt_hook, 'root', None) or runner.checkpoint_dir
+        latest = root / 'latest'
+        saved = (f'its last checkpoint {root / latest.read_text().strip()} is complete'
+                 if latest.is_file() else 'no checkpoint was configured')
+        code = 128 + int(signum)
+        runner.logger.warning(f'{signal.Signals(signum).name} received {when}: the training '
+                              f'finished and {saved}; stopping with exit code {code} (the run '
+                              f'did not complete)')
+        self._restore()
+        raise Preempted(code)
 
     def after_run(self, runner) -> None:
         self._restore()

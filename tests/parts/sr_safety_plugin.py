@@ -1,0 +1,44 @@
+"""tests/test_config_safety.py's plugin module: data configs list it in ``custom_imports`` and
+name its classes by registered name (SafetyData, SafetyNet) or dotted path (PlainData)."""
+
+import torch
+from torch import nn
+
+from scale_runner.registry import DATASETS, MODELS
+from sr_metrics import MSE  # re-exported: importing this module registers the configs' 'MSE'
+
+__all__ = ['PlainData', 'SafetyData', 'SafetyNet', 'MSE']
+
+
+class PlainData(torch.utils.data.Dataset):
+    """Not registered: a data config names it as sr_safety_plugin.PlainData."""
+
+    def __init__(self, n=16, dim=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x.sum(1, keepdim=True)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {'x': self.x[i], 'y': self.y[i]}
+
+
+@DATASETS.register_module(force=True)
+class SafetyData(PlainData):
+    pass
+
+
+@MODELS.register_module(force=True)
+class SafetyNet(nn.Module):
+    def __init__(self, dim=4):
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+
+    def forward(self, x, y=None):
+        pred = self.linear(x)
+        out = {'pred': pred}
+        if y is not None:
+            out['loss'] = nn.functional.mse_loss(pred, y)
+        return out
