@@ -17,12 +17,15 @@ safetensors and JSON only.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
 import random
+import re
 import shutil
+import stat
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,11 +133,28 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 
 # ---- atomic file writing --------------------------------------------------------------------
+def _named(path: Path, e: Exception) -> Exception:
+    """``e`` as an OSError naming the file (what the CheckpointError of a failed save quotes):
+    Python's own write errors carry no file name, and safetensors wraps the system's error
+    (``... (os error 28)``) in a SafetensorError."""
+    if isinstance(e, OSError):
+        if e.filename is not None or e.errno is None:
+            return e
+        return OSError(e.errno, e.strerror, path.name)
+    code = re.search(r'os error (\d+)', str(e))
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.name)
+    return SafetensorError(f'{path.name}: {e}')
+
+
 def _write(path: Path, data: bytes) -> dict:
-    with open(path, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, SafetensorError) as e:
+        raise _named(path, e) from e
     return _entry(data)
 
 
@@ -142,24 +162,39 @@ def _write_tensors(path: Path, tensors: dict, io: ThreadPoolExecutor) -> Future:
     """``save_file`` straight to disk (no in-memory copy of the whole file); its fsync and
     checksum run in ``io`` (the future's result is the manifest entry), so the next file is
     written while this one goes to the disk, as one would write both and then sync both."""
-    save_file(tensors, path)
-    # safetensors creates the file 0600: give it the permissions of the other files (umask),
-    # so that a team sharing a work_dir can read the checkpoints.
-    os.chmod(path, 0o666 & ~_umask())
+    try:
+        save_file(tensors, path)
+        # safetensors creates the file 0600: give it the permissions of the other files
+        # (umask), so that a team sharing a work_dir can read the checkpoints.
+        os.chmod(path, 0o666 & ~_umask())
+    except (OSError, SafetensorError) as e:
+        raise _named(path, e) from e
     return io.submit(_sync_and_entry, path)
 
 
 def _sync_and_entry(path: Path) -> dict:
     """fsync and checksum concurrently: both release the GIL, and the checksum reads from the
-    page cache."""
-    fd = os.open(path, os.O_RDONLY)
+    page cache. A failed fsync (EIO, ENOSPC at write-back) fails the save."""
+    failed: list = []
+
+    def sync(fd):
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            failed.append(e)
     try:
-        syncer = threading.Thread(target=os.fsync, args=(fd,))
-        syncer.start()
-        entry = _entry(_read(path))
-        syncer.join()
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            syncer = threading.Thread(target=sync, args=(fd,))
+            syncer.start()
+            entry = _entry(_read(path))
+            syncer.join()
+        finally:
+            os.close(fd)
+        if failed:
+            raise failed[0]
+    except OSError as e:
+        raise _named(path, e) from e
     return entry
 
 
@@ -227,35 +262,67 @@ class CheckpointWriter:
 
     def write(self, ckpt_dir: Path, model_state: dict | None, state: dict,
               rank_tensors: dict | None = None) -> Path:
-        """``rank_tensors``: this process's own tensors (partial gradients), if any."""
+        """``rank_tensors``: this process's own tensors (partial gradients), if any.
+
+        A failure on any rank (disk full, quota, permissions, a state that cannot be stored)
+        stops every rank at the next of the save's three agreements (each is a barrier the
+        save needs anyway), the temporary directory is removed, and every rank raises: one
+        :class:`CheckpointError` naming the checkpoint, the bytes it needed, the free space
+        and the previous checkpoint, which is intact (``latest`` still points at it). A rank
+        whose own failure was not an I/O error re-raises that exception."""
         acc = self.accelerator
         rank, main = acc.process_index, acc.is_main_process
         ckpt_dir = Path(ckpt_dir)
         tmp = ckpt_dir.parent / f'.tmp-{ckpt_dir.name}'
-        if main:
+        self.placed = False  # set once the complete checkpoint has its name
+
+        def prepare():
             if os.path.lexists(tmp):
                 _remove(tmp)  # left by a crash during an earlier save
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        with ThreadPoolExecutor(max_workers=2) as io:
-            def own_files():
-                rng_tensors, rng_meta = rng_state()
-                _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
-                _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
-                if rank_tensors:
-                    grads = model_tensors(rank_tensors)
-                    _write_tensors(tmp / f'grad_{rank}.safetensors', grads, io).result()
-            # Each gather is the barrier that was here, and tells every rank of any rank's
-            # failure (disk full, quota, permissions): none waits for one that gave up.
-            errors = [e for e in gather(_attempt(own_files, rank)) if e]
-            if not errors:
-                errors = [e for e in gather(_attempt(lambda: self._write_main(
-                    ckpt_dir, tmp, model_state, state, io), rank) if main else None) if e]
-        if errors:
-            if main and os.path.lexists(tmp):
-                _remove(tmp)
-            raise _save_error(ckpt_dir, errors, model_state, state)
-        return ckpt_dir
+
+        def own_files():
+            rng_tensors, rng_meta = rng_state()
+            _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
+            _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
+            if rank_tensors:
+                grads = model_tensors(rank_tensors)
+                _write_tensors(tmp / f'grad_{rank}.safetensors', grads, io).result()
+
+        failures, mine = [], None
+        try:
+            with ThreadPoolExecutor(max_workers=2) as io:
+                steps = [prepare if main else None, own_files,
+                         (lambda: self._write_main(ckpt_dir, tmp, model_state, state, io))
+                         if main else None]
+                for step in steps:
+                    reason, mine = self._attempt(step, rank)
+                    failures = [f for f in gather(reason) if f]
+                    if failures:
+                        break
+        except BaseException:  # an interrupt: leave nothing half written behind
+            if main:
+                _discard(tmp)
+            raise
+        if not failures:
+            return ckpt_dir
+        if main:
+            _discard(tmp)
+        if mine is not None and not _is_io_error(mine):
+            raise mine
+        raise _save_error(ckpt_dir, failures, model_state, state, rank_tensors,
+                          acc.num_processes)
+
+    def _attempt(self, step, rank: int) -> tuple[dict | None, BaseException | None]:
+        """Run ``step`` (None: nothing to do on this rank); ``(reason, exception)`` if it failed."""
+        if step is None:
+            return None, None
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait
+            return {'rank': rank, 'error': f'{type(e).__name__}: {e}', 'io': _is_io_error(e),
+                    'placed': self.placed}, e
+        return None, None
 
     def _write_main(self, ckpt_dir: Path, tmp: Path, model_state: dict | None, state: dict,
                     io: ThreadPoolExecutor) -> None:
@@ -286,9 +353,11 @@ class CheckpointWriter:
                 _remove(old)
             os.rename(ckpt_dir, old)
             os.rename(tmp, ckpt_dir)
+            self.placed = True
             _remove(old)
         else:
             os.rename(tmp, ckpt_dir)
+            self.placed = True
         _fsync(ckpt_dir.parent)
         set_latest(ckpt_dir)
 
@@ -301,18 +370,27 @@ def set_latest(ckpt_dir: Path) -> None:
         _remove(tmp)
     if os.path.lexists(latest) and (latest.is_symlink() or not latest.is_file()):
         _move_aside(latest)  # a directory or link named 'latest' cannot be replaced atomically
-    _write(tmp, (ckpt_dir.name + '\n').encode())
-    os.replace(tmp, latest)
+    try:
+        _write(tmp, (ckpt_dir.name + '\n').encode())
+        os.replace(tmp, latest)
+    except BaseException:
+        _discard(tmp)
+        raise
     _fsync(ckpt_dir.parent)
 
 
-def _attempt(fn, rank: int) -> str | None:
-    """Run ``fn``; the reason it could not write, or None."""
+def _is_io_error(e: BaseException) -> bool:
+    """An error of the file system (safetensors reports its own as SafetensorError)."""
+    return isinstance(e, (OSError, SafetensorError))
+
+
+def _discard(path: Path) -> None:
+    """Remove our own temporary file or directory, if there is one, whatever it holds."""
     try:
-        fn()
-    except (OSError, SafetensorError) as e:
-        return f'rank {rank}: {type(e).__name__}: {e}'
-    return None
+        if os.path.lexists(path):
+            _remove(path)
+    except OSError as e:
+        warnings.warn(f'could not remove {path}: {e}')
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -339,26 +417,80 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def _save_error(ckpt_dir: Path, errors: list[str], model_state, state) -> CheckpointError:
-    """Which checkpoint failed, how much it needed, how much is free, what is still intact."""
-    tensors: dict = {}
-    split_tensors(state, tensors)
-    needed = sum(t.numel() * t.element_size() for t in [*(model_state or {}).values(), *tensors.values()]
-                 if isinstance(t, torch.Tensor))
-    try:
-        free = f'{shutil.disk_usage(ckpt_dir.parent).free / 2**20:,.1f} MiB free'
-    except OSError:
-        free = 'free space unknown'
-    latest = ckpt_dir.parent / LATEST
-    try:
-        previous = f'the previous checkpoint {ckpt_dir.parent / latest.read_text().strip()} is intact'
-    except OSError:
+def _save_error(ckpt_dir: Path, failures: list[dict], model_state, state, rank_tensors=None,
+                world: int = 1) -> CheckpointError:
+    """Which checkpoint failed and why, how much it needed, how much is free, what is intact."""
+    root = ckpt_dir.parent
+    why = '; '.join(f"rank {f['rank']}: {f['error']}" for f in failures)
+    pointer = _pointer(root)
+    if any(f['placed'] for f in failures):  # only the pointer's update failed
+        now = ('points at it, but that may not be on disk yet' if pointer == ckpt_dir.name
+               else f'still points at {pointer}' if pointer else 'names no checkpoint')
+        return CheckpointError(
+            f'checkpoint {ckpt_dir} was written completely, but pointing {root / LATEST} at it '
+            f'failed ({why}): {LATEST} {now}. {ckpt_dir} is valid: resume from it with '
+            f'resume={str(ckpt_dir)!r}, or free space and resume with --resume.')
+    if pointer:
+        previous = f'the previous checkpoint {root / pointer} is intact ({LATEST} still points at it)'
+    elif any(_is_checkpoint(p) for p in (root.iterdir() if root.is_dir() else ())):
+        previous = f'{root / LATEST} names no checkpoint; the checkpoints in {root} are untouched'
+    else:
         previous = 'no earlier checkpoint was written'
+    if not all(f['io'] for f in failures):
+        return CheckpointError(f'saving checkpoint {ckpt_dir} failed ({why}); nothing of it was '
+                               f'kept and {previous}.')
+    needed, free = _bytes_needed(model_state, state, rank_tensors, world), _free_bytes(root)
+    need = f'it needed about {_size(needed)} in all' if needed is not None else 'its size is unknown'
+    have = (f'{_size(free)} are free on the file system of {root}' if free is not None
+            else f'the free space of {root} is unknown')
     return CheckpointError(
-        f'saving checkpoint {ckpt_dir} failed ({"; ".join(errors)}): it needs about '
-        f'{needed / 2**20:,.1f} MiB of tensors ({free} in {ckpt_dir.parent}); nothing of it was '
-        f'kept and {previous} (latest still points at it). Free space or set out_dir, then '
-        f'resume with --resume.')
+        f'saving checkpoint {ckpt_dir} failed ({why}): {need} (tensors and JSON), and {have}. '
+        f'Nothing of it was kept (its temporary directory was removed) and {previous}. Free '
+        f'space (or set default_hooks.checkpoint.out_dir to another disk), then resume with '
+        f'--resume.')
+
+
+def _pointer(root: Path) -> str | None:
+    """The checkpoint ``latest`` names, if it is a readable file naming one; else None."""
+    latest = root / LATEST
+    try:
+        name = latest.read_bytes().decode('utf-8').strip() if latest.is_file() else ''
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and '/' not in name and _is_checkpoint(root / name) else None
+
+
+def _bytes_needed(model_state, state, rank_tensors=None, world: int = 1) -> int | None:
+    """The bytes of the tensors and the state JSON, with every rank's partial gradients
+    counted as large as this rank's (the files' headers and RNG states add a little)."""
+    def nbytes(values) -> int:
+        return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+    try:
+        tensors: dict = {}
+        doc = split_tensors(state, tensors)
+        return (nbytes((model_state or {}).values()) + nbytes(tensors.values())
+                + len(json.dumps(doc, indent=1).encode())
+                + world * nbytes((rank_tensors or {}).values()))
+    except (CheckpointError, TypeError, ValueError):
+        return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free space (for this user) on the file system of ``path`` or its nearest existing parent."""
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def _size(n: int) -> str:
+    """``1,234,567 bytes (1.2 MiB)``."""
+    for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+        if n >= scale:
+            return f'{n:,} bytes ({n / scale:.1f} {unit})'
+    return f'{n:,} bytes'
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -370,7 +502,7 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
         raise CheckpointError(f'{mpath} is missing (the checkpoint was not completely written)')
     _check_regular(mpath, ckpt_dir)
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(bytes(_read(mpath, own=True)))
         files = manifest['files']
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f'{mpath} is not a valid manifest: {e}') from None
@@ -392,7 +524,7 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
             p = ckpt_dir / name
             if not p.is_file():
                 raise CheckpointError(f'{p} is listed in the manifest but missing')
-            out[name] = _read(p)
+            out[name] = _read(p, own=True)
             if len(out[name]) != entry['size']:
                 raise CheckpointError(f'{p} is damaged: its size differs from {MANIFEST}')
             whole = max(len(out[name]), 1)  # format 1: one checksum of the whole file
@@ -406,14 +538,13 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
 
 def _check_regular(path: Path, ckpt_dir: Path) -> None:
     """Refuse a link, a non-regular file (a FIFO would block the read) or anything resolving
-    outside the checkpoint, without opening it."""
-    import stat
+    outside the checkpoint, without opening it (``os.lstat`` only)."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise CheckpointError(f'{path} is a symbolic link (to {os.readlink(path)!r}): a checkpoint '
                               f'holds only its own regular files, so it is not read')
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f'{path} is not a regular file: it is not read')
+        raise CheckpointError(f'{path} is not a regular file ({_kind(st.st_mode)}): it is not read')
     if path.resolve().parent != ckpt_dir.resolve():
         raise CheckpointError(f'{path} resolves outside {ckpt_dir}: it is not read')
 
@@ -444,15 +575,39 @@ for _name, _attr in (('F8_E4M3', 'float8_e4m3fn'), ('F8_E5M2', 'float8_e5m2'), (
         _DTYPES[_name] = getattr(torch, _attr)
 
 
-def _read(path: Path):
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO'),
+                       (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+                       (stat.S_ISBLK, 'a block device'), (stat.S_ISLNK, 'a symbolic link')):
+        if test(mode):
+            return kind
+    return 'not a regular file'
+
+
+_OWN_FLAGS = os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0)
+
+
+def _read(path: Path, own: bool = False):
     """The file's bytes as a private, writable memory map: tensors view it without a copy, and
     nothing written to them reaches the file. A file replaced later (checkpoints are always
-    new files, renamed into place) does not affect the mapping."""
-    with open(path, 'rb') as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+    new files, renamed into place) does not affect the mapping.
+
+    ``own``: a checkpoint's own file, checked by :func:`_check_regular` already; a link or a
+    FIFO swapped in since is still refused, not followed, and never blocks the open."""
+    fd = os.open(path, _OWN_FLAGS if own else os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if own and not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f'{path} is not a regular file ({_kind(st.st_mode)}): it is not read')
+        if st.st_size == 0:
             return bytearray()
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except OSError as e:
+        if own and e.errno == getattr(errno, 'ELOOP', None):  # O_NOFOLLOW met a link
+            raise CheckpointError(f'{path} is a symbolic link: it is not read') from None
+        raise
+    finally:
+        os.close(fd)
 
 
 def _load_tensors(data, where: Path) -> dict[str, torch.Tensor]:
@@ -559,14 +714,31 @@ def read_model_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def candidates(ckpt_root: Path) -> list[Path]:
-    """Checkpoint directories, the ``latest`` pointer's target first, then newest first."""
+    """Checkpoint directories, the ``latest`` pointer's target first, then newest first.
+
+    A symbolic link in ``ckpt_root`` is not one of them (it resolves elsewhere; the writer
+    moves one aside when it needs the name), and a ``latest`` that is not a regular file (a
+    directory, a FIFO, which would block the read) is not read."""
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
         return []
-    dirs = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and not p.name.startswith('.')),
-                  key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    dirs = []
+    for p in ckpt_root.iterdir():
+        if p.name.startswith('.') or not p.is_dir():
+            continue
+        if p.is_symlink():
+            warnings.warn(f'{p} is a symbolic link (to {os.readlink(p)!r}), not a checkpoint of '
+                          f'this run: skipped (resume=PATH reads a checkpoint anywhere)')
+            continue
+        dirs.append(p)
+    dirs.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
     latest = ckpt_root / LATEST
-    if not latest.exists():
+    if not os.path.lexists(latest):
+        return dirs
+    if not latest.is_file():
+        kind = _kind(os.stat(latest).st_mode) if latest.exists() else 'a broken link'
+        warnings.warn(f'{latest} is not a file ({kind}); using the newest complete checkpoint '
+                      f'instead (the next save moves it aside)')
         return dirs
     try:
         name = latest.read_bytes().decode('utf-8').strip()

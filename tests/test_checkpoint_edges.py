@@ -2,12 +2,17 @@
 names the writer uses. Nothing already saved is ever lost."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from scale_runner import Runner
 from scale_runner.checkpoint import CheckpointError, find_resumable, read_checkpoint
@@ -26,6 +31,37 @@ def _latest(root: Path) -> str:
     return (root / 'latest').read_text().strip()
 
 
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """RLIMIT_FSIZE: a write past ``nbytes`` of any file fails with EFBIG (SIGXFSZ ignored):
+    real I/O failing as it does on a full disk, without filling one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def _writer():
+    from accelerate import Accelerator
+    from scale_runner.checkpoint import CheckpointWriter
+    return CheckpointWriter(Accelerator(cpu=True))
+
+
+BIG = {'w': torch.arange(65536, dtype=torch.float32)}  # 256 KiB: past a 64 KiB limit
+
+
+def _state(i: int) -> dict:
+    return {'train_state': {'iter': i}, 'note': 'x' * 100}
+
+
+def _temporaries(root: Path) -> list[str]:
+    return [p.name for p in root.iterdir() if p.name.startswith('.')]
+
+
 # ---- a full disk ------------------------------------------------------------------------------
 def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, tiny_parts):
     """Real I/O past a file-size limit (RLIMIT_FSIZE: writes fail with EFBIG as they would with
@@ -33,22 +69,149 @@ def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, tin
     runner = _train(tmp_path, tiny_parts)
     root = tmp_path / 'checkpoints'
     assert _latest(root) == 'iter_4'
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))  # bytes: every tensor file is larger
-    try:
-        with pytest.raises(CheckpointError) as err:
-            runner.save_checkpoint(root / 'iter_5')
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
+    with file_size_limit(64), pytest.raises(CheckpointError) as err:  # every file is larger
+        runner.save_checkpoint(root / 'iter_5')
     msg = str(err.value)
-    assert f'saving checkpoint {root / "iter_5"} failed' in msg and 'File too large' in msg, msg
-    assert 'MiB of tensors' in msg and 'MiB free' in msg, msg
-    assert f'the previous checkpoint {root / "iter_4"} is intact' in msg, msg
-    assert not [p.name for p in root.iterdir() if p.name.startswith('.')], 'temporary dir left'
+    assert f'saving checkpoint {root / "iter_5"} failed' in msg, msg
+    assert "File too large: 'rng_0.safetensors'" in msg, msg  # the file, and the error
+    assert 'it needed about ' in msg and ' bytes in all' in msg, msg
+    assert ' are free on the file system of ' in msg, msg
+    assert f'the previous checkpoint {root / "iter_4"} is intact (latest still points at it)' in msg
+    assert not _temporaries(root), 'temporary dir left'
     assert not (root / 'iter_5').exists() and _latest(root) == 'iter_4'
     assert read_checkpoint(root / 'iter_4')['state']['train_state']['iter'] == 4  # verified
+
+
+def test_a_full_disk_while_the_weights_are_written(tmp_path):
+    """The small files fit, the model file does not: safetensors' own error (a SafetensorError
+    wrapping EFBIG) is reported as the file and the system error; the size counts the weights."""
+    root = tmp_path / 'checkpoints'
+    writer = _writer()
+    writer.write(root / 'iter_1', BIG, _state(1))
+    with file_size_limit(64 << 10), pytest.raises(CheckpointError) as err:
+        writer.write(root / 'iter_2', BIG, _state(2))
+    msg = str(err.value)
+    assert "rank 0: OSError: [Errno 27] File too large: 'model.safetensors'" in msg, msg
+    needed = int(msg.split('it needed about ')[1].split(' bytes')[0].replace(',', ''))
+    assert 65536 * 4 < needed < 65536 * 4 + 4096, msg
+    assert f'the previous checkpoint {root / "iter_1"} is intact' in msg, msg
+    assert sorted(p.name for p in root.iterdir()) == ['iter_1', 'latest']  # no temporary dir
+    assert _latest(root) == 'iter_1'
+    assert read_checkpoint(root / 'iter_1')['state']['train_state']['iter'] == 1
+
+
+def test_no_space_left_as_safetensors_reports_it(tmp_path, monkeypatch):
+    """ENOSPC as safetensors raises it: the file, errno 28 and its text; no earlier checkpoint."""
+    from safetensors import SafetensorError
+    from scale_runner import checkpoint
+    real = checkpoint.save_file
+
+    def full(tensors, path, *a, **k):
+        if Path(path).name == 'state.safetensors':
+            Path(path).write_bytes(b'partial')
+            raise SafetensorError('Error while serializing: I/O error: No space left on device '
+                                  '(os error 28)')
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(checkpoint, 'save_file', full)
+    root = tmp_path / 'checkpoints'
+    with pytest.raises(CheckpointError) as err:
+        _writer().write(root / 'iter_1', BIG, _state(1))
+    msg = str(err.value)
+    assert f"[Errno {errno.ENOSPC}] No space left on device: 'state.safetensors'" in msg, msg
+    assert 'no earlier checkpoint was written' in msg, msg
+    assert list(root.iterdir()) == []
+
+
+def test_a_failed_fsync_fails_the_save(tmp_path, monkeypatch):
+    """fsync runs in a thread beside the checksum: its error (EIO, ENOSPC at write-back) is
+    not lost, so an undurable file is never declared complete."""
+    root = tmp_path / 'checkpoints'
+    real = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f'/proc/self/fd/{fd}').endswith('model.safetensors'):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    with pytest.raises(CheckpointError, match=r"Input/output error: 'model.safetensors'"):
+        _writer().write(root / 'iter_1', BIG, _state(1))
+    assert list(root.iterdir()) == []
+
+
+def test_a_failed_update_of_latest_says_the_checkpoint_is_complete(tmp_path, monkeypatch):
+    root = tmp_path / 'checkpoints'
+    writer = _writer()
+    writer.write(root / 'iter_1', BIG, _state(1))
+    from scale_runner import checkpoint
+    real = checkpoint._write
+
+    def full(path, data):
+        if path.name == '.latest.tmp':
+            path.write_bytes(data[:1])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, data)
+    monkeypatch.setattr(checkpoint, '_write', full)
+    with pytest.raises(CheckpointError) as err:
+        writer.write(root / 'iter_2', BIG, _state(2))
+    msg = str(err.value)
+    assert f'checkpoint {root / "iter_2"} was written completely, but pointing' in msg, msg
+    assert 'latest still points at iter_1' in msg and "resume='" in msg, msg
+    assert _latest(root) == 'iter_1' and not _temporaries(root)
+    assert read_checkpoint(root / 'iter_2')['state']['train_state']['iter'] == 2
+
+
+def test_a_state_that_cannot_be_stored_leaves_no_temporary_directory(tmp_path):
+    root = tmp_path / 'checkpoints'
+    with pytest.raises(CheckpointError, match='cannot store object'):
+        _writer().write(root / 'iter_1', BIG, {'bad': object()})
+    assert list(root.iterdir()) == []
+
+
+RANK_FAILS = '''
+import os, resource, signal, sys
+import torch
+from accelerate import Accelerator
+from scale_runner.checkpoint import CheckpointError, CheckpointWriter
+acc = Accelerator(cpu=True)
+root = sys.argv[1]
+writer = CheckpointWriter(acc)
+grads = {'g': torch.zeros(65536)}  # each rank's own 256 KiB file
+writer.write(os.path.join(root, 'iter_1'), {'w': torch.ones(4)}, {'i': 1}, grads)
+if acc.process_index == 1:  # only rank 1's disk is full
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+try:
+    writer.write(os.path.join(root, 'iter_2'), {'w': torch.ones(4)}, {'i': 2}, grads)
+    result = 'saved'
+except CheckpointError as e:
+    result = str(e)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+with open(os.path.join(root, '..', f'rank{acc.process_index}.txt'), 'w') as f:
+    f.write(result)
+'''
+
+
+def test_one_ranks_full_disk_stops_every_rank_without_a_hang(tmp_path):
+    """2 processes (gloo): rank 1 cannot write its partial gradients; both ranks raise the same
+    CheckpointError (rank 0 does not wait for rank 1 at a barrier), nothing of iter_2 is left."""
+    script = tmp_path / 'rank_fails.py'
+    script.write_text(RANK_FAILS)
+    root = tmp_path / 'checkpoints'
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           str(script), str(root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**env, 'OMP_NUM_THREADS': '1', 'ACCELERATE_USE_CPU': '1'})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rank in (0, 1):  # the same error on both (the free space is measured by each)
+        msg = (tmp_path / f'rank{rank}.txt').read_text()
+        assert "(rank 1: OSError: [Errno 27] File too large: 'grad_1.safetensors')" in msg, msg
+        assert 'it needed about 524,' in msg, msg  # both ranks' 256 KiB of gradients
+        assert f'the previous checkpoint {root / "iter_1"} is intact' in msg, msg
+    assert sorted(p.name for p in root.iterdir()) == ['iter_1', 'latest']
+    assert _latest(root) == 'iter_1'
+    assert read_checkpoint(root / 'iter_1', rank=1)['grads']['g'].shape == (65536,)
 
 
 # ---- links and non-regular files --------------------------------------------------------------
@@ -62,15 +225,23 @@ def test_a_symlink_out_of_the_checkpoint_is_refused_before_anything_is_opened(tm
     weights.unlink()
     weights.symlink_to(outside)
     from scale_runner import checkpoint
-    opened = []
-    real_read = checkpoint._read
-    monkeypatch.setattr(checkpoint, '_read', lambda p: opened.append(Path(p).name) or real_read(p))
+    opened, mapped = [], []
+    real_open, real_read = os.open, checkpoint._read
+
+    def recording_open(path, *a, **k):
+        opened.append(Path(path).name)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(os, 'open', recording_open)
+    monkeypatch.setattr(checkpoint, '_read',
+                        lambda p, **k: mapped.append(Path(p).name) or real_read(p, **k))
     with pytest.raises(CheckpointError, match=r'model\.safetensors is a symbolic link'):
         read_checkpoint(root / 'iter_4')
-    assert opened == [], f'opened before refusing: {opened}'
+    # only the manifest was read (to learn the file names); no listed file was opened
+    assert mapped == ['manifest.json'] and opened == ['manifest.json'], (mapped, opened)
     with pytest.warns(UserWarning, match='symbolic link'):
         ckpt = find_resumable(root)  # falls back to the previous complete checkpoint
     assert ckpt['path'].endswith('iter_2')
+    assert 'outside.safetensors' not in opened and opened.count('model.safetensors') == 1  # iter_2's
 
 
 def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(tmp_path, tiny_parts):
@@ -121,3 +292,42 @@ def test_a_checkpoint_name_occupied_by_debris_is_stepped_around(tmp_path, tiny_p
     elif kind == 'foreign dir':
         assert (debris[0] / 'data.bin').read_bytes() == b'x'
     read_checkpoint(root / 'iter_2')  # the link's target: still there and valid
+
+
+def test_latest_as_a_fifo_is_not_read_and_the_next_save_replaces_it(tmp_path, tiny_parts):
+    _train(tmp_path, tiny_parts)
+    root = tmp_path / 'checkpoints'
+    (root / 'latest').unlink()
+    os.mkfifo(root / 'latest')  # reading it would block forever
+    signal.alarm(30)  # a regression fails the test instead of hanging the suite
+    try:
+        with pytest.warns(UserWarning, match='is not a file'):
+            assert find_resumable(root)['path'].endswith('iter_4')
+        with pytest.warns(UserWarning, match='in the way of a checkpoint'):
+            _train(tmp_path, tiny_parts, max_iters=6, resume=True)
+    finally:
+        signal.alarm(0)
+    assert (root / 'latest').is_file() and _latest(root) == 'iter_6'
+    assert len(list(root.glob('latest.debris-*'))) == 1
+
+
+def test_a_linked_checkpoint_directory_is_not_resumed_by_discovery(tmp_path, tiny_parts):
+    _train(tmp_path, tiny_parts)
+    root = tmp_path / 'checkpoints'
+    elsewhere = tmp_path / 'elsewhere'
+    (root / 'iter_4').rename(elsewhere)
+    (root / 'iter_4').symlink_to(elsewhere, target_is_directory=True)
+    with pytest.warns(UserWarning, match='iter_4 is a symbolic link'):
+        assert find_resumable(root)['path'].endswith('iter_2')
+    assert read_checkpoint(root / 'iter_4')['state']['train_state']['iter'] == 4  # by path: read
+
+
+def test_retention_never_deletes_debris_named_like_a_preemption_checkpoint(tmp_path, tiny_parts):
+    root = tmp_path / 'checkpoints'
+    debris = root / 'preempt_iter_3.debris-20260101_000000-1'
+    debris.mkdir(parents=True)
+    (debris / 'notes.txt').write_text('kept')
+    (root / 'preempt_iter_1').mkdir()  # a preemption checkpoint, older than the new ones: dropped
+    _train(tmp_path, tiny_parts)
+    assert (debris / 'notes.txt').read_text() == 'kept'
+    assert not (root / 'preempt_iter_1').exists()

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..metric_rules import RULES, infer_rule
 from ..registry import HOOKS
 from .hook import Hook
-from .preemption_hook import PreemptionHook
+from .preemption_hook import PreemptionHook, preempt_checkpoints
 
 DEFAULT_TIME_INTERVAL = 1800  # s: iteration loops with interval=None; epoch loops save every epoch
 
@@ -50,6 +50,21 @@ class CheckpointHook(Hook):
     ``preemption=True`` (default) handles SIGTERM / SIGINT / SIGUSR1 during training: a
     checkpoint ``preempt_iter_<N>`` at the next iteration boundary, then exit ``128 + signum``
     (see :mod:`scale_runner.hooks.preemption_hook`); ``preemption=False`` leaves signals alone.
+    The final validation runs inside the train loop, after the last iteration and its
+    checkpoint, before ``after_train``, while the handlers are still installed: a signal then
+    is logged (``SIGTERM received during the final validation: the training finished and its
+    last checkpoint <path> is complete; stopping with exit code 143``), the validation stops
+    at its next batch (a scheduler's grace period is short), and the process exits ``128 + signum``, so the scheduler sees a run that did not
+    complete. A signal during a checkpoint is only recorded: the checkpoint is always
+    complete before the exit.
+
+    A save that fails (disk full, quota, permissions; on any rank) raises one
+    ``CheckpointError`` on every rank naming the checkpoint, the bytes it needed, the free
+    space and the previous checkpoint, which stays intact with ``latest`` pointing at it; the
+    temporary directory is removed. Debris under a name a save needs (a plain file, link or
+    directory without a manifest called like the checkpoint; a directory or link called
+    ``latest``) is renamed to ``<name>.debris-<time>-<pid>`` with a warning, never deleted;
+    retention deletes only checkpoints this hook wrote and ``preempt_iter_<N>`` directories.
     """
 
     priority = 'VERY_LOW'
@@ -222,7 +237,7 @@ class CheckpointHook(Hook):
                 while len(self._saved) > self.max_keep_ckpts:
                     self._remove(self._saved.pop(0))
             # A preemption checkpoint is older than this one: it has served its purpose.
-            for old in self.root.glob('preempt_iter_*'):
+            for old in preempt_checkpoints(self.root):
                 self._remove(old.name)
 
     def _remove(self, name: str) -> None:

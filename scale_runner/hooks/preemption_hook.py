@@ -19,9 +19,12 @@ so that a scheduler does not count a stopped run as completed.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
 from ..collective import agree_max, cpu_group
 from ..registry import HOOKS
@@ -95,9 +98,9 @@ class PreemptionHook(Hook):
         """Exit ``128 + signum`` after a complete training whose last checkpoint is written."""
         ckpt_hook = runner.get_hook('CheckpointHook')
         root = getattr(ckpt_hook, 'root', None) or runner.checkpoint_dir
-        latest = root / 'latest'
-        saved = (f'its last checkpoint {root / latest.read_text().strip()} is complete'
-                 if latest.is_file() else 'no checkpoint was configured')
+        from ..checkpoint import _pointer
+        last = _pointer(Path(root))  # what `latest` names, if it is a checkpoint
+        saved = f'its last checkpoint {root / last} is complete' if last else 'no checkpoint was written'
         code = 128 + int(signum)
         runner.logger.warning(f'{signal.Signals(signum).name} received {when}: the training '
                               f'finished and {saved}; stopping with exit code {code} (the run '
@@ -131,9 +134,8 @@ class PreemptionHook(Hook):
             runner.logger.warning(f'{name} received: saving a checkpoint at iteration {runner.iter}')
             path = runner.save_checkpoint(root / f'preempt_iter_{runner.iter}')
             if runner.accelerator.is_main_process:
-                for old in root.glob('preempt_iter_*'):
+                for old in preempt_checkpoints(root):
                     if old.name != path.name:
-                        import shutil
                         shutil.rmtree(old, ignore_errors=True)
         if self.requeue and os.environ.get('SLURM_JOB_ID') and runner.accelerator.is_main_process:
             _requeue(runner.logger, os.environ['SLURM_JOB_ID'])
@@ -142,6 +144,14 @@ class PreemptionHook(Hook):
                               f'(checkpoint {path})')
         runner.accelerator.wait_for_everyone()
         raise Preempted(code)
+
+
+def preempt_checkpoints(root: Path) -> list[Path]:
+    """The preemption checkpoints in ``root``: directories named exactly ``preempt_iter_<N>``
+    (not a link, not ``preempt_iter_<N>.debris-...``, which the writer moved aside and no
+    retention ever deletes)."""
+    return [p for p in Path(root).glob('preempt_iter_*')
+            if re.fullmatch(r'preempt_iter_\d+', p.name) and p.is_dir() and not p.is_symlink()]
 
 
 def _requeue(logger, job_id: str) -> None:
