@@ -19,8 +19,9 @@ from .state import TrainState
 # work to one of them fails a test instead of being skipped.
 FAST_TYPES = frozenset({'NO', 'MULTI_CPU', 'MULTI_GPU', 'MULTI_NPU', 'MULTI_XPU', 'MULTI_MLU',
                         'MULTI_MUSA', 'MULTI_SDAA', 'MULTI_HPU'})
-# The parts of update_params a subclass may override; the direct path needs them all as they are.
-STAGES = ('scale_loss', 'backward', 'should_update', 'step', 'zero_grad')
+# The methods of update_params a subclass may override; the direct path needs them all as they are
+# (not "stages": that word names hook points).
+UPDATE_METHODS = ('scale_loss', 'backward', 'should_update', 'step', 'zero_grad')
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -91,7 +92,7 @@ class OptimWrapper:
         # update_params' direct path: one micro-batch per update (so no loss scaling and every
         # call steps), no clipping, no scaler, and none of its stages overridden by a subclass.
         cls = type(self)
-        plain = all(getattr(cls, name) is getattr(OptimWrapper, name) for name in STAGES)
+        plain = all(getattr(cls, name) is getattr(OptimWrapper, name) for name in UPDATE_METHODS)
         self._direct = (self._raw if plain and self.accumulative_counts == 1
                         and self.clip_grad is None else None)
 
