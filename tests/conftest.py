@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('OMP_NUM_THREADS', '1')
@@ -64,19 +63,7 @@ class CountingData(RegressionData):
         return super().__getitem__(i)
 
 
-class PlainRegressor(nn.Module):
-    """A plain nn.Module: called as model(**batch), returns a dict with a loss."""
-
-    def __init__(self, dim: int = 4):
-        super().__init__()
-        self.linear = nn.Linear(dim, 1)
-
-    def forward(self, x, y=None):
-        pred = self.linear(x)
-        out = {'pred': pred}
-        if y is not None:
-            out['loss'] = nn.functional.mse_loss(pred, y)
-        return out
+from sr_models import PlainRegressor  # noqa: E402  (tests/parts: subprocesses import it too)
 
 
 @pytest.fixture
