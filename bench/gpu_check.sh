@@ -39,13 +39,13 @@ train = [r for r in rec if 'loss' in r]
 assert train and all(math.isfinite(r['loss']) for r in train), 'non-finite or no loss'
 assert train[-1]['loss'] < train[0]['loss'], f"loss did not go down: {train[0]['loss']} -> {train[-1]['loss']}"
 assert (work / 'checkpoints' / 'latest').is_file(), 'no checkpoint'
-has = any('skipped_steps' in r for r in train)
-assert has == expect_scaler, f'skipped_steps logged: {has}, expected {expect_scaler}'
+has = any('scaler_skips' in r for r in train)
+assert has == expect_scaler, f'scaler_skips logged: {has}, expected {expect_scaler}'
 sps = [r['samples_per_s'] for r in train if 'samples_per_s' in r]
 rate = sum(sps) / len(sps) if sps else 65536 * 2 / wall
-skipped = train[-1].get('skipped_steps')
+skipped = train[-1].get('scaler_skips')
 print(f'{rate:10.0f} samples/s  loss {train[0]["loss"]:.3f}->{train[-1]["loss"]:.3f}'
-      + (f'  skipped_steps={skipped}' if skipped is not None else ''))
+      + (f'  scaler_skips={skipped}' if skipped is not None else ''))
 PYEOF
 }
 

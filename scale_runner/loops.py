@@ -152,15 +152,18 @@ class _TrainLoop(BaseLoop):
         return self._step(data_batch, runner.optim_wrapper)
 
     def _start_at(self, batches_done: int) -> None:
-        """Make the next pass over the dataloader skip ``batches_done`` batches, unread."""
-        if not batches_done:
+        """Make the next pass over the dataloader skip ``batches_done`` batches, unread (or the
+        samples a resume with another global batch size set in ``state.resume_sample``)."""
+        state = self._runner.state
+        samples, state.resume_sample = state.resume_sample, None
+        if not batches_done and not samples:
             return
         sampler = get_sampler(self.dataloader)
         per_batch = getattr(self.dataloader, 'total_batch_size', None) or self.dataloader.batch_size
         if sampler is None or not hasattr(sampler, 'set_start') or per_batch is None:
             raise ConfigError('resuming mid-epoch needs a sampler with set_start() (DefaultSampler '
                               'or InfiniteSampler) and a fixed batch_size in the train dataloader')
-        sampler.set_start(batches_done * per_batch)
+        sampler.set_start(batches_done * per_batch if samples is None else samples)
 
     def _set_epoch(self, epoch: int) -> None:
         set_epoch(self.dataloader, epoch)

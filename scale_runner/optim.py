@@ -59,7 +59,7 @@ class OptimWrapper:
         self.grad_norm: float | None = None
         # Steps a loss scaler skipped (inf/nan gradients): an int while one can skip (fp16),
         # None otherwise (fp32, bf16: no scaler).
-        self.skipped_steps: int | None = None
+        self.scaler_skips: int | None = None
         self._engine_scales_loss = False
         self._raw = None  # the torch optimizer, when Accelerate's wrappers can be bypassed
         self._direct = None  # ... and when update_params may call it itself (set by bind)
@@ -80,7 +80,7 @@ class OptimWrapper:
         self._raw = None
         if accelerator is not None:
             if accelerator.mixed_precision == 'fp16' or accelerator.scaler is not None:
-                self.skipped_steps = self.skipped_steps or 0
+                self.scaler_skips = self.scaler_skips or 0
             # DeepSpeed's engine divides the loss by its gradient_accumulation_steps itself.
             self._engine_scales_loss = accelerator.distributed_type == 'DEEPSPEED'
             # Accelerate's backward/step/zero_grad do per-step work we do not need when there is
@@ -202,8 +202,8 @@ class OptimWrapper:
         (self._raw or self.optimizer).step(**kwargs)
         self.update_count += 1
         self.train_state.stepped = True
-        if self.skipped_steps is not None and self.accelerator.optimizer_step_was_skipped:
-            self.skipped_steps += 1  # the scaler found inf/nan gradients and backed off
+        if self.scaler_skips is not None and self.accelerator.optimizer_step_was_skipped:
+            self.scaler_skips += 1  # the scaler found inf/nan gradients and backed off
 
     def zero_grad(self, **kwargs) -> None:
         (self._raw or self.optimizer).zero_grad(**kwargs)
@@ -237,17 +237,35 @@ class OptimWrapper:
         return {'momentum': out}
 
     def state_dict(self) -> dict:
-        """Collective when the model is FSDP2-sharded: the full state then, keyed by parameter
-        names, on rank 0 only."""
+        """MMEngine's: the optimizer's state dict, plus ``update_count``, ``scaler_skips`` and
+        the fp16 ``loss_scaler``'s state. Under FSDP2 it is keyed by parameter names and its
+        moments are this rank's shards (collective: every rank calls it)."""
         if self._sharded is not None:
-            from .sharding import full_optimizer_state
-            return full_optimizer_state(self._sharded, self._torch_optimizer())
-        return self.optimizer.state_dict()
+            from .sharding import optimizer_state
+            state = optimizer_state(self._sharded, self._torch_optimizer())
+        else:
+            state = self.optimizer.state_dict()
+        state = dict(state, update_count=self.update_count)
+        if self.scaler_skips is not None:
+            state['scaler_skips'] = self.scaler_skips
+        scaler = getattr(self.accelerator, 'scaler', None)
+        if scaler is not None:  # fp16: the loss scale and its growth tracker resume exactly
+            state['loss_scaler'] = scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.update_count = int(state.pop('update_count', self.update_count))
+        skips = state.pop('scaler_skips', None)
+        if skips is not None:
+            self.scaler_skips = int(skips)
+        scaler_state = state.pop('loss_scaler', None)
+        scaler = getattr(self.accelerator, 'scaler', None)
+        if scaler is not None and scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
         if self._sharded is not None:
-            from .sharding import load_full_optimizer_state
-            load_full_optimizer_state(self._sharded, self._torch_optimizer(), state)
+            from .sharding import load_optimizer_state
+            load_optimizer_state(self._sharded, self._torch_optimizer(), state)
         else:
             self.optimizer.load_state_dict(state)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (CheckpointError, CheckpointWriter, candidates, check_weights,
-                         collect_state, find_resumable, partial_gradients, read_checkpoint,
-                         read_model_weights, resolve_resume, restore_state)
+from .checkpoint import (CheckpointError, CheckpointWriter, candidates, collect_state,
+                         find_resumable, load_weights, read_checkpoint, resolve_resume,
+                         restore_state, whole_weights)
 from .config import Config
 from .errors import ConfigError, closest, edit_distance
 from .hooks.hook import STAGES, Hook, bind_point, check_hook_points, get_priority
@@ -76,6 +76,7 @@ class Runner:
         self.train_loop = self.val_loop = self.test_loop = None
         self.loaded_checkpoint_state: dict | None = None  # the state part of load_from's checkpoint
         self._hooks: list = []
+        self._hook_names: dict[int, str] = {}  # id(hook) -> its name in checkpoints
         self._hook_cache: dict[str, list] = {}
         self._prepared_model = False
         self._hooks_registered = False
@@ -272,33 +273,31 @@ class Runner:
     def save_checkpoint(self, path: str | os.PathLike, save_optimizer: bool = True,
                         save_param_scheduler: bool = True) -> Path:
         """Write a checkpoint directory (collective: every rank calls it)."""
-        state = collect_state(self, save_optimizer, save_param_scheduler)
+        model_state, state, rank_state = collect_state(self, save_optimizer, save_param_scheduler)
         self.call_hook('before_save_checkpoint', checkpoint=state)
-        model_state = self.accelerator.get_state_dict(self.model)
-        path = CheckpointWriter(self.accelerator).write(Path(path), model_state, state,
-                                                        partial_gradients(self))
+        path = CheckpointWriter(self.accelerator).write(Path(path), model_state, state, rank_state)
         self.logger.info(f'saved checkpoint {path}')
         return path
 
     def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
-        """Load model weights (``load_from``): from a checkpoint directory (verified) or a
-        ``.safetensors`` file. A checkpoint's saved state (its hooks' states: an EMA average,
-        ...) is kept in ``loaded_checkpoint_state`` for hooks that use it; nothing else of it
-        is restored (that is ``resume``)."""
+        """Load model weights (``load_from``): from a checkpoint directory (verified; a sharded
+        one is put together) or a ``.safetensors`` file. A checkpoint's saved state (its hooks'
+        states: an EMA average, ...) is kept in ``loaded_checkpoint_state`` for hooks that use
+        it (:meth:`loaded_hook_state`); nothing else of it is restored (that is ``resume``)."""
+        from .checkpoint import read_model_weights
         from .model import unwrap
         path = Path(path)
         if path.is_dir() and (path / 'state.json').is_file():
             ckpt = read_checkpoint(path, self.accelerator.process_index if self.accelerator else 0)
-            weights = ckpt['model']
+            weights = whole_weights(ckpt)
             # Hooks' states and counters; not the optimizer's or the schedulers': load_from
             # starts a new run, and nothing should hold on to them.
             self.loaded_checkpoint_state = {k: v for k, v in ckpt['state'].items()
-                                            if k not in ('optimizer', 'param_schedulers')}
-            if weights is None:
-                raise CheckpointError(f'{path} holds no model weights')
+                                            if k not in ('optim_wrapper', 'model')
+                                            and not k.startswith('param_schedulers')}
         else:
             weights = read_model_weights(path)
-        check_weights(unwrap(self.model), weights, str(path), strict)
+        load_weights(unwrap(self.model), weights, str(path), strict)
         self.logger.info(f'loaded weights from {path}')
 
     def _load_weights(self) -> None:
@@ -319,8 +318,6 @@ class Runner:
             ckpt = find_resumable(self.checkpoint_dir, rank)
         else:
             ckpt = read_checkpoint(self._resume, rank)
-        from .model import unwrap
-        check_weights(unwrap(self.model), ckpt['model'], ckpt['path'])
         restore_state(self, ckpt)
         self.call_hook('after_load_checkpoint', checkpoint=ckpt['state'])
         self.logger.info(f'resumed from {ckpt["path"]} at epoch {self.epoch}, iter {self.iter}')
@@ -337,6 +334,7 @@ class Runner:
             raise ConfigError(f'{where}: a hook must be a Hook instance or dict(type=...), got '
                               f'{hook!r} ({type(hook).__name__})')
         check_hook_points(hook)
+        self._hook_names[id(hook)] = self._hook_name(hook, where)
         hook.priority = get_priority(hook.priority if priority is None else priority,
                                      f'{where}.priority' if priority is not None
                                      else f'{type(hook).__name__}.priority')
@@ -345,6 +343,16 @@ class Runner:
             pos -= 1
         self._hooks.insert(pos, hook)
         self._hook_cache.clear()
+
+    def _hook_name(self, hook, where: str) -> str:
+        if where.startswith('default_hooks.'):
+            return where[len('default_hooks.'):]
+        taken = set(self._hook_names.values())
+        name, i = type(hook).__name__, 1
+        while name in taken:
+            i += 1
+            name = f'{type(hook).__name__}_{i}'
+        return name
 
     def register_hooks(self, default_hooks: dict | None = None, custom_hooks: list | None = None) -> None:
         if self._hooks_registered:
@@ -381,6 +389,16 @@ class Runner:
 
     def get_hook(self, name: str):
         return next((h for h in self._hooks if type(h).__name__ == name), None)
+
+    def named_hooks(self) -> list[tuple[str, Any]]:
+        """``(name, hook)`` in priority order; the name is the hook's key in checkpoints: its
+        ``default_hooks`` name, or its class name (``<class>_2``, ... for repeats)."""
+        return [(self._hook_names[id(h)], h) for h in self._hooks]
+
+    def loaded_hook_state(self, hook) -> dict | None:
+        """The state ``load_from``'s checkpoint holds for ``hook``, if any."""
+        state = self.loaded_checkpoint_state or {}
+        return state.get(f'hooks.{self._hook_names.get(id(hook))}')
 
     def call_hook(self, fn_name: str, **kwargs) -> None:
         """Call ``fn_name`` on every hook that implements it, in priority order."""

@@ -1,48 +1,65 @@
-"""Full (gathered) state of FSDP2-sharded models and their optimizers, for checkpoints.
+"""State of FSDP2-sharded models and their optimizers (``DTensor``s), for checkpoints.
 
 FSDP2 (``fully_shard``, Accelerate's ``fsdp_version: 2``) turns parameters and optimizer moments
-into ``DTensor`` shards, which have no storage of their own to write. A checkpoint holds full
-tensors instead (loadable at any world size, and without torch.distributed), so saving gathers
-them and loading scatters them back, with ``torch.distributed.checkpoint``'s state-dict helpers.
-Every function here is collective: every rank calls it.
+into ``DTensor`` shards. A checkpoint keeps them sharded (each rank writes its own shards,
+``checkpoint/sharded.py``); a checkpoint of whole tensors (written unsharded) is scattered into
+them. These helpers use ``torch.distributed.checkpoint``'s state-dict functions and take either
+kind; every function here is collective: every rank calls it.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
+
+from .checkpoint.sharded import is_dtensor
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether any parameter of ``module`` is a ``DTensor`` (FSDP2, tensor parallelism)."""
     # No DTensor exists before its module is imported (FSDP2 imports it): checking for it this
     # way spares every other run the 0.8 s import.
-    tensor_module = sys.modules.get('torch.distributed.tensor')
-    if tensor_module is None:
-        return False
-    return any(isinstance(p, tensor_module.DTensor) for p in module.parameters())
+    return any(is_dtensor(p) for p in module.parameters())
 
 
-def _full(**kwargs):
+def _options(state: dict, **kwargs):
+    """Full-state options unless the state's tensors are shards already."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, **kwargs)
+    return StateDictOptions(full_state_dict=not _has_dtensor(state), **kwargs)
 
 
-def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state, keyed by parameter names, on the CPU; ``{}`` on ranks other
-    than 0 (only rank 0 writes it)."""
+def _has_dtensor(obj) -> bool:
+    if isinstance(obj, dict):
+        return any(_has_dtensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_dtensor(v) for v in obj)
+    return is_dtensor(obj)
+
+
+def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter names, its moments as this rank's shards."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(module, optimizer, options=_full(cpu_offload=True))
+    return get_optimizer_state_dict(module, optimizer)
 
 
-def load_full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict) -> None:
-    """Shard a state from :func:`full_optimizer_state` (every rank holds it) into ``optimizer``."""
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         state: dict) -> None:
+    """Load a state of :func:`optimizer_state` (shards) or of whole tensors into ``optimizer``."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(module, optimizer, state, options=_full())
+    set_optimizer_state_dict(module, optimizer, state, options=_options(state))
 
 
-def load_full_model_state(module: torch.nn.Module, weights: dict) -> None:
-    """Shard full ``weights`` (a subset of the module's keys) into ``module``'s parameters."""
+def load_model_state(module: torch.nn.Module, weights: dict) -> None:
+    """Load ``weights`` (a subset of the module's keys; shards or whole tensors) into
+    ``module``'s ``DTensor`` parameters."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    set_model_state_dict(module, weights, options=_full(strict=False))
+    set_model_state_dict(module, weights, options=_options(weights, strict=False))
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` where either may be a ``DTensor``: a whole ``src`` gives a sharded
+    ``dst`` its own shard, a sharded ``src`` is put together for a whole ``dst``."""
+    if is_dtensor(dst) and not is_dtensor(src):
+        from torch.distributed.tensor import distribute_tensor
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
+    elif is_dtensor(src) and not is_dtensor(dst):
+        src = src.full_tensor()
+    dst.copy_(src)

@@ -29,6 +29,7 @@ class TrainState:
     max_epochs: int | None = None
     max_iters: int | None = None
     stepped: bool = field(default=False, compare=False)
+    resume_sample: int | None = field(default=None, compare=False)
 
     def state_dict(self) -> dict:
         return {key: getattr(self, key) for key in SAVED}

@@ -103,7 +103,7 @@ def test_mixed_precision_precedence(tmp_path, tiny_parts, monkeypatch, env, cfg,
     assert f'precision: {expected}' in log and 'device: cpu' in log and 'processes: 1' in log
     assert len(seen.losses) == 3 and all(torch.isfinite(torch.tensor(seen.losses)))
     # bf16 (and fp32) use no grad scaler, so there is no skipped-steps counter either
-    assert runner.accelerator.scaler is None and runner.optim_wrapper.skipped_steps is None
+    assert runner.accelerator.scaler is None and runner.optim_wrapper.scaler_skips is None
 
 
 def test_bf16_autocasts_on_cpu(tmp_path, tiny_parts):
@@ -196,16 +196,16 @@ def test_skipped_scaler_steps_are_counted_and_logged(tmp_path):
                     custom_hooks=[Weights()])
     runner.train()
     runner.close()
-    assert runner.optim_wrapper.skipped_steps == 1 and runner.optim_wrapper.update_count == 4
+    assert runner.optim_wrapper.scaler_skips == 1 and runner.optim_wrapper.update_count == 4
     assert not torch.equal(weights[0], w0)
     assert torch.equal(weights[1], weights[0])  # the skipped step left the weights alone
     assert not torch.equal(weights[2], weights[1])
     assert torch.isfinite(weights[-1]).all()
-    assert [r['skipped_steps'] for r in _scalars(runner.log_dir)] == [0, 1, 1, 1]
+    assert [r['scaler_skips'] for r in _scalars(runner.log_dir)] == [0, 1, 1, 1]
     assert accelerator.scaler.get_scale() == 2.0 ** 7  # backed off once
 
 
-def test_grad_scaler_state_and_skipped_steps_survive_resume(tmp_path):
+def test_grad_scaler_state_and_scaler_skips_survive_resume(tmp_path):
     """The fp16 loss scale, its growth tracker and the skipped-step count are checkpointed."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -228,11 +228,11 @@ def test_grad_scaler_state_and_skipped_steps_survive_resume(tmp_path):
     first.train()
     first.close()
     saved = acc.scaler.state_dict()
-    assert first.optim_wrapper.skipped_steps == 1
+    assert first.optim_wrapper.scaler_skips == 1
     acc2, second = make(4, True, 2.0 ** 2)  # a fresh scaler would start from 4
     second.train()
     second.close()
-    assert second.optim_wrapper.skipped_steps == 1  # restored, not restarted at 0
+    assert second.optim_wrapper.scaler_skips == 1  # restored, not restarted at 0
     # After one more finite step the growth tracker continues from the saved one.
     assert saved['_growth_tracker'] == 1 and acc2.scaler.state_dict()['scale'] == saved['scale'] * 2
 

@@ -72,7 +72,7 @@ def test_checkpoint_dir_holds_only_safetensors_and_json_with_full_manifest(tmp_p
     assert (tmp_path / 'checkpoints' / 'latest').read_text().strip() == 'epoch_1'
     # the optimizer's momentum buffers are in the checkpoint, as tensors
     state = read_checkpoint(ckpt)['state']
-    assert state['optimizer']['state'], 'optimizer state (momentum) was not saved'
+    assert state['optim_wrapper']['state'], 'optimizer state (momentum) was not saved'
     assert state['train_state']['epoch'] == 1 and state['train_state']['iter'] == 8
 
 
@@ -103,8 +103,9 @@ def test_save_makes_everything_durable_before_it_becomes_visible(tmp_path, monke
     model = PlainRegressor()
     opt = torch.optim.AdamW(model.parameters())
     root = tmp_path / 'checkpoints'
+    from scale_runner.checkpoint.state import rng_state
     CheckpointWriter(Accelerator(cpu=True)).write(root / 'iter_1', model.state_dict(),
-                                                  {'optimizer': opt.state_dict()})
+                                                  {'optimizer': opt.state_dict()}, {'rng': rng_state()})
     tmp, parent = str(root / '.tmp-iter_1'), str(root)
     at = {e: i for i, e in enumerate(events)}  # the last time each event happened
     files = [e for e in events if e[0] == 'fsync' and e[1].startswith(tmp + '/')]
@@ -123,7 +124,7 @@ def test_save_makes_everything_durable_before_it_becomes_visible(tmp_path, monke
 
 def test_large_files_are_checked_in_pieces_and_any_damaged_piece_is_found(tmp_path, tiny_parts,
                                                                          monkeypatch):
-    import scale_runner.checkpoint as ck
+    import scale_runner.checkpoint.format as ck
     monkeypatch.setattr(ck, 'CHECKSUM_CHUNK', 64)  # the real size is 32 MiB: make the files big
     _train(_resume_parts(tiny_parts, tmp_path, train_cfg=dict(by_epoch=True, max_epochs=1)))
     ckpt = tmp_path / 'checkpoints' / 'epoch_1'
@@ -131,10 +132,10 @@ def test_large_files_are_checked_in_pieces_and_any_damaged_piece_is_found(tmp_pa
     data = (ckpt / 'state.safetensors').read_bytes()
     assert entry['chunk_size'] == 64 and len(data) > 2 * 64
     assert entry['xxh3_64'] == [xxhash.xxh3_64_hexdigest(data[a:a + 64]) for a in range(0, len(data), 64)]
-    before = read_checkpoint(ckpt)['state']['optimizer']
+    before = read_checkpoint(ckpt)['state']['optim_wrapper']
     # The pieces are checked with the manifest's own piece size, whatever the default is now.
     monkeypatch.setattr(ck, 'CHECKSUM_CHUNK', 1 << 20)
-    assert read_checkpoint(ckpt)['state']['optimizer'].keys() == before.keys()
+    assert read_checkpoint(ckpt)['state']['optim_wrapper'].keys() == before.keys()
     damaged = bytearray(data)
     damaged[len(data) // 2] ^= 1  # one bit in a middle piece
     (ckpt / 'state.safetensors').write_bytes(bytes(damaged))
@@ -584,7 +585,7 @@ def test_save_best_auto_keeps_only_the_best_and_publishes_it(tmp_path, tiny_part
     assert best == [f'best_mse_epoch_{best_epoch}'], best  # 'mse' -> rule 'less', one kept
     assert runner.best_scores == {'mse': pytest.approx(min(scores))}
     state = read_checkpoint(root / best[0])['state']
-    assert state['hooks']['CheckpointHook']['best']['mse']['ckpts'] == best
+    assert state['hooks.checkpoint']['best']['mse']['ckpts'] == best
     assert {f'epoch_{i}' for i in range(1, 5)} <= {p.name for p in root.iterdir()}
 
 
@@ -685,16 +686,18 @@ def test_export_refuses_damaged_checkpoint_and_non_safetensors_target(two_checkp
     assert '.safetensors' in capsys.readouterr().err
 
 
-# ---- fields that must match for an exact resume ----------------------------------------------------
-def test_different_batch_size_is_refused_naming_the_field(two_checkpoints, tiny_parts):
+# ---- fields that differ from the checkpoint's run ----------------------------------------------------
+def test_different_batch_size_continues_from_the_same_global_sample(two_checkpoints, tiny_parts):
+    """A per-process batch size change is handled by the global-position rule: the log names
+    the change and says the continuation is not bit-identical; the counters continue."""
     parts = _resume_parts(tiny_parts, two_checkpoints.parent, resume=True,
                           train_cfg=dict(by_epoch=True, max_epochs=3))
     parts['train_dataloader'] = dict(parts['train_dataloader'], batch_size=4)
-    runner = Runner(**parts)
-    with pytest.raises(CheckpointError, match='batch_size') as err:
+    with Runner(**parts) as runner:
         runner.train()
-    runner.close()
-    assert 'load_from' in str(err.value) and runner.iter == 0
+        log = (runner.log_dir / f'{runner.experiment_name}.log').read_text()
+    assert 'global batch 8 -> 4 samples per iteration' in log and 'not bit-identical' in log, log
+    assert runner.epoch == 3 and runner.iter == 16 + len(runner.train_dataloader)
 
 
 def test_different_accumulation_is_refused_naming_the_field(two_checkpoints, tiny_parts):

@@ -130,7 +130,7 @@ def test_ema_test_after_train_and_from_load_from_use_the_average(tmp_path, tiny_
     runner.close()
 
     ckpt = tmp_path / 'checkpoints' / 'epoch_1'
-    saved = read_checkpoint(ckpt)['state']['hooks']['EMAHook']['ema']
+    saved = read_checkpoint(ckpt)['state']['hooks.EMAHook']['ema']
     assert all(torch.equal(saved[k], average[k]) for k in average)
     for entry in ('val', 'test'):
         rec2 = EvalRecorder()
@@ -312,7 +312,7 @@ def test_guard_skip_drops_exactly_the_bad_updates(tmp_path, tiny_parts):
                                  optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9))))
     runner.train()
     guard = runner.get_hook('NanGuardHook')
-    assert guard.skipped == 3 and runner.iter == 16 and runner.optim_wrapper.update_count == 13
+    assert guard.nan_skips == 3 and runner.iter == 16 and runner.optim_wrapper.update_count == 13
     # the reference: plain PyTorch over the same batches, without the bad ones
     ref = PlainRegressor()
     ref.load_state_dict(start)
@@ -337,7 +337,7 @@ def test_guard_skip_raises_after_max_consecutive(tmp_path, tiny_parts):
         QUIET, nan_guard=dict(mode='skip', max_consecutive=2))))
     with pytest.raises(NonFiniteLossError, match='iteration 4 .* 3 in a row, more than max_consecutive=2'):
         runner.train()
-    assert runner.get_hook('NanGuardHook').skipped == 2
+    assert runner.get_hook('NanGuardHook').nan_skips == 2
     runner.close()
 
 

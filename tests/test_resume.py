@@ -245,7 +245,7 @@ def test_mid_window_checkpoint_carries_each_ranks_partial_gradients(tmp_path, pa
     root = work / 'checkpoints'
     assert (root / 'iter_3' / 'grad_0.safetensors').is_file()
     assert not (root / 'iter_6' / 'grad_0.safetensors').exists()
-    grads = read_checkpoint(root / 'iter_9')['grads']
+    grads = read_checkpoint(root / 'iter_9')['rank']['grad']
     assert set(grads) == {'net.0.weight', 'net.0.bias', 'net.3.weight', 'net.3.bias'}
     assert any(g.abs().sum() > 0 for g in grads.values())
 

@@ -5,6 +5,7 @@ CPU the same DTensor parameters and optimizer moments come from ``fully_shard`` 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,9 @@ from conftest import PARTS_DIR
 JOB = PARTS_DIR / 'fsdp2_job.py'
 
 
-def test_fsdp2_checkpoint_holds_full_tensors_and_resumes_exactly(tmp_path):
-    """Saving gathers the DTensor weights and AdamW moments into full tensors (DTensors have
-    no storage to write); loading shards them back, and training continues bit for bit.
-    EMAHook, which cannot average shards yet, refuses them up front."""
+def test_fsdp2_checkpoint_holds_each_ranks_shards_and_resumes_exactly(tmp_path):
+    """Each rank writes its own shards (no gathering), as safetensors with DCP's offsets in
+    the header; loading reads them back into the DTensors and training continues bit for bit."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     for var in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'ACCELERATE_USE_CPU'):
         env.pop(var, None)
@@ -27,6 +27,17 @@ def test_fsdp2_checkpoint_holds_full_tensors_and_resumes_exactly(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert 'RESUMED_EXACTLY_0' in out and 'RESUMED_EXACTLY_1' in out, out
-    from safetensors.torch import load_file
-    model = load_file(tmp_path / 'ckpt' / 'model.safetensors')
-    assert model['0.weight'].shape == (16, 8)  # the full tensor, not rank 0's shard
+    from safetensors import safe_open
+    ckpt = tmp_path / 'ckpt'
+    assert not (ckpt / 'model.safetensors').exists()
+    shards = sorted((ckpt / 'sharded').iterdir())
+    assert [p.name for p in shards] == ['shard-00001-model-00001-of-00001.safetensors',
+                                        'shard-00002-model-00001-of-00001.safetensors']
+    manifest = json.loads((ckpt / 'manifest.json').read_text())
+    assert {f'sharded/{p.name}' for p in shards} <= set(manifest['files'])
+    rows = []
+    for p in shards:
+        with safe_open(p, framework='pt') as f:  # a real safetensors file, not a pickle
+            assert 'DCP_SHARDING_INFO' in f.metadata()
+            rows.append(f.get_slice('model.0.weight').get_shape()[0])
+    assert rows == [8, 8]  # half of the (16, 8) weight on each rank: shards, not the full tensor

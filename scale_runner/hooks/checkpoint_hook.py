@@ -290,9 +290,5 @@ class CheckpointHook(Hook):
         self.best = {k: {'score': float(v['score']), 'ckpts': list(v['ckpts'])}
                      for k, v in (state.get('best') or {}).items()}
 
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint['hooks']['CheckpointHook'] = self.state_dict()
-
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self.load_state_dict(checkpoint.get('hooks', {}).get('CheckpointHook', {}))
         self._publish(runner)

@@ -116,9 +116,3 @@ class EarlyStoppingHook(Hook):
         if state.get('best_score') is not None:
             self.best_score = float(state['best_score'])
         self.wait_count = int(state.get('wait_count', 0))
-
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint['hooks']['EarlyStoppingHook'] = self.state_dict()
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self.load_state_dict(checkpoint.get('hooks', {}).get('EarlyStoppingHook', {}))

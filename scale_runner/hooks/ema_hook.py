@@ -6,6 +6,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..errors import ConfigError
 from ..model import unwrap
+from ..sharding import copy_into
 from ..registry import HOOKS
 from .hook import Hook
 
@@ -27,11 +28,11 @@ class EMAHook(Hook):
     The averaged weights are swapped into the model for every validation and test epoch and
     swapped back after (exact copies, so training continues bit for bit); ``test()`` after
     ``train()`` on the same runner evaluates the average too. Checkpoints hold the *training*
-    weights in ``model.safetensors`` (so resume is exact) and the average under
-    ``hooks.EMAHook.ema.*`` in ``state.safetensors``; ``val()``/``test()`` with ``load_from``
-    such a checkpoint evaluate its average (a ``train()`` from ``load_from`` starts a new average
-    from the loaded weights). Works on DDP-wrapped models (the average
-    is kept per process; every rank has the same weights, so the same average).
+    weights in ``model.safetensors`` (so resume is exact) and the average as the hook's state
+    (``hooks.EMAHook.ema.*``); ``val()``/``test()`` with ``load_from`` such a checkpoint
+    evaluate its average (a ``train()`` from ``load_from`` starts a new average from the loaded
+    weights). Under DDP the average is kept per process (every rank has the same weights, so
+    the same average); under FSDP2 it is sharded like the parameters and saved as shards.
     """
 
     priority = 'NORMAL'
@@ -62,14 +63,11 @@ class EMAHook(Hook):
         self._ema: list[torch.Tensor] = []
         self._swapped = False
         self._model = None  # the module whose weights are averaged
+        self._restored = False  # load_state_dict ran for the current resume
 
     # ---- setup ------------------------------------------------------------------------------
     def before_run(self, runner) -> None:
         model = unwrap(runner.model)
-        from ..sharding import is_sharded
-        if is_sharded(model):  # its averages would be DTensor shards a checkpoint cannot hold
-            raise ConfigError('EMAHook does not support FSDP2-sharded (DTensor) parameters yet: '
-                              'remove it from custom_hooks, or train with DDP')
         named = list(model.named_parameters())
         if self.update_buffers:
             named += list(model.named_buffers())
@@ -81,7 +79,8 @@ class EMAHook(Hook):
         self._src = [t.detach() for _, t in named]
         self._ema = [t.clone() for t in self._src]
         self.steps = 0
-        loaded = (runner.loaded_checkpoint_state or {}).get('hooks', {}).get('EMAHook')
+        self._restored = False
+        loaded = runner.loaded_hook_state(self)
         if loaded is not None and runner.train_loop is None:
             # val()/test() of a load_from checkpoint: evaluate its average, as it was saved.
             self._load_average(loaded)
@@ -143,22 +142,27 @@ class EMAHook(Hook):
         if self._swapped:
             runner.logger.warning('EMAHook: a checkpoint is saved while the averaged weights are '
                                   'swapped in; its model weights are the average, not training\'s')
-        checkpoint['hooks']['EMAHook'] = {'ema': self.ema_state_dict, 'steps': self.steps,
-                                          'momentum': self.momentum}
+
+    def state_dict(self) -> dict:
+        """The average (the live tensors: under FSDP2 this rank's shards, saved sharded like
+        the parameters), its step count and momentum."""
+        return {'ema': self.ema_state_dict, 'steps': self.steps, 'momentum': self.momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_average(state)
+        self._restored = True
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        state = checkpoint.get('hooks', {}).get('EMAHook')
-        if state is None:
-            if self.strict_load:
-                raise CheckpointError('EMAHook(strict_load=True): the checkpoint has no EMA state; '
-                                      'set strict_load=False to restart the average from its weights')
-            runner.logger.warning('EMAHook: the checkpoint has no EMA state; the average restarts '
-                                  'from the resumed weights')
-            with torch.no_grad():
-                torch._foreach_copy_(self._ema, self._src)
-            self.steps = 0
+        if self._restored:
             return
-        self._load_average(state)
+        if self.strict_load:
+            raise CheckpointError('EMAHook(strict_load=True): the checkpoint has no EMA state; '
+                                  'set strict_load=False to restart the average from its weights')
+        runner.logger.warning('EMAHook: the checkpoint has no EMA state; the average restarts '
+                              'from the resumed weights')
+        with torch.no_grad():
+            torch._foreach_copy_(self._ema, self._src)
+        self.steps = 0
 
     def _load_average(self, state: dict) -> None:
         """Take the average (and its step count) from a checkpoint's ``hooks.EMAHook``."""
@@ -174,7 +178,7 @@ class EMAHook(Hook):
                     if saved[name].shape != ema.shape:
                         raise CheckpointError(f'EMAHook: {name} has shape {tuple(saved[name].shape)} '
                                               f'in the checkpoint, {tuple(ema.shape)} in the model')
-                    ema.copy_(saved[name])
+                    copy_into(ema, saved[name])
                 else:
                     ema.copy_(src)
         self.steps = int(state.get('steps', 0))

@@ -83,12 +83,14 @@ class LoggerHook(Hook):
             self._file = None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        self._flush()
-        if self._trackers is not None:
-            checkpoint['hooks']['LoggerHook'] = self._trackers.state_dict()
+        self._flush()  # the log on disk reaches the checkpoint's iteration
 
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self._tracker_state = dict(checkpoint.get('hooks', {}).get('LoggerHook', {}))
+    def state_dict(self) -> dict:
+        """The trackers' resume state (their run ids and steps)."""
+        return self._trackers.state_dict() if self._trackers is not None else dict(self._tracker_state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._tracker_state = dict(state)
         if self._trackers is not None:
             self._trackers.load_state_dict(self._tracker_state)
 
@@ -150,9 +152,9 @@ class LoggerHook(Hook):
         grad_norm = getattr(runner.optim_wrapper, 'grad_norm', None)
         if grad_norm is not None:
             values['grad_norm'] = float(grad_norm)
-        skipped = getattr(runner.optim_wrapper, 'skipped_steps', None)
+        skipped = getattr(runner.optim_wrapper, 'scaler_skips', None)
         if skipped is not None:
-            values['skipped_steps'] = skipped  # fp16 grad scaler: steps skipped so far
+            values['scaler_skips'] = skipped  # fp16 grad scaler: steps skipped so far
         values.update(means)
         if runner.logger.isEnabledFor(logging.INFO):  # the line is not even formatted otherwise
             if self.by_epoch:

@@ -26,7 +26,7 @@ class NanGuardHook(Hook):
       (the checkpoint hook never sees the iteration).
     - ``mode='skip'``: drop that update (no backward, no optimizer step, gradients zeroed, the
       update counter, schedulers and EMA not advanced; with gradient accumulation the whole
-      window is dropped), count it (``skipped``) and log a warning. More than
+      window is dropped), count it (``nan_skips``, logged with the losses) and log a warning. More than
       ``max_consecutive`` bad losses in a row raise.
 
     Cost per step: one read of the loss on the host (``loss.item()``, a device sync on the GPU)
@@ -45,12 +45,12 @@ class NanGuardHook(Hook):
                               f'got {max_consecutive!r}')
         self.mode = mode
         self.max_consecutive = max_consecutive
-        self.skipped = 0        # updates skipped so far (saved in checkpoints)
+        self.nan_skips = 0    # updates skipped so far (saved in checkpoints)
         self.consecutive = 0    # bad losses in a row
         self._runner = None
         self._world, self._rank = 1, 0
         self._checked = False   # check() ran in the current iteration
-        self._skipped = False   # ... and skipped its update
+        self._dropped = False   # ... and skipped its update
 
     # ---- installation ---------------------------------------------------------------------
     def before_train(self, runner) -> None:
@@ -58,7 +58,7 @@ class NanGuardHook(Hook):
         acc = runner.accelerator
         self._world, self._rank = acc.num_processes, acc.process_index
         runner.optim_wrapper.loss_guard = self.check
-        self._checked = self._skipped = False
+        self._checked = self._dropped = False
 
     def after_train(self, runner) -> None:
         if getattr(runner.optim_wrapper, 'loss_guard', None) == self.check:
@@ -111,24 +111,24 @@ class NanGuardHook(Hook):
             if runner is not None:
                 runner.logger.error(msg)
             raise NonFiniteLossError(msg)
-        self.skipped += 1
-        self._skipped = True
+        self.nan_skips += 1
+        self._dropped = True
         if runner is not None:
-            runner.logger.warning(f'{msg}: update skipped ({self.skipped} skipped so far, '
+            runner.logger.warning(f'{msg}: update skipped ({self.nan_skips} skipped so far, '
                                   f'{self.consecutive} in a row)')
         return False
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self._checked:  # update_params checked this iteration's loss
             self._checked = False
-            if self._skipped:
-                self._skipped = False
+            if self._dropped:
+                self._dropped = False
                 if isinstance(outputs, dict):
                     # keep NaN out of the logged means; report the count instead
                     for k in [k for k, v in outputs.items()
                               if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all())]:
                         del outputs[k]
-                    outputs['skipped_updates'] = self.skipped
+                    outputs['nan_skips'] = self.nan_skips
             return
         # a train_step that did not call update_params: check its logged loss (after the fact)
         loss = outputs.get('loss') if isinstance(outputs, dict) else None
@@ -142,10 +142,9 @@ class NanGuardHook(Hook):
                 self._checked = False
 
     # ---- state ------------------------------------------------------------------------------
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint['hooks']['NanGuardHook'] = {'skipped': self.skipped, 'consecutive': self.consecutive}
+    def state_dict(self) -> dict:
+        return {'nan_skips': self.nan_skips, 'consecutive': self.consecutive}
 
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        state = checkpoint.get('hooks', {}).get('NanGuardHook', {})
-        self.skipped = int(state.get('skipped', 0))
+    def load_state_dict(self, state: dict) -> None:
+        self.nan_skips = int(state.get('nan_skips', 0))
         self.consecutive = int(state.get('consecutive', 0))

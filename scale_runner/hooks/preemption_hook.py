@@ -98,7 +98,7 @@ class PreemptionHook(Hook):
         """Exit ``128 + signum`` after a complete training whose last checkpoint is written."""
         ckpt_hook = runner.get_hook('CheckpointHook')
         root = getattr(ckpt_hook, 'root', None) or runner.checkpoint_dir
-        from ..checkpoint import _pointer
+        from ..checkpoint.format import _pointer
         last = _pointer(Path(root))  # what `latest` names, if it is a checkpoint
         saved = f'its last checkpoint {root / last} is complete' if last else 'no checkpoint was written'
         code = 128 + int(signum)

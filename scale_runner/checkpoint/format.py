@@ -1,19 +1,24 @@
-"""Pickle-free, crash-safe checkpoints.
+"""Checkpoint files: pickle-free, crash-safe, verified. (What goes into them: ``state.py``.)
 
 A checkpoint is a directory ``<work_dir>/checkpoints/<name>/``::
 
-    model.safetensors      the model's state_dict (unwrapped; tied tensors stored once each)
-    state.safetensors      every other tensor (optimizer moments, RNG states, hook tensors)
-    state.json             everything else; tensors appear as {"__tensor__": key}
-    rng_<rank>.safetensors / rng_<rank>.json   each process's RNG states
-    grad_<rank>.safetensors   each process's partial gradients, only when the checkpoint falls
-                           inside an accumulation window (accumulative_counts > 1)
-    manifest.json          written last: the size of every other file and the XXH3-64 hash of
-                           each of its CHECKSUM_CHUNK pieces (checked in parallel on every core)
+    model.safetensors      the model's weights (unwrapped; tied tensors stored once each), when
+                           no rank holds only shards of them
+    state.safetensors      every other whole tensor (optimizer moments, hook tensors)
+    state.json             the named state of every part (see ``state.py``); a tensor appears
+                           as {"__tensor__": key}, a sharded one as {"__sharded__": key}
+    sharded/shard-<k>-*.safetensors   each rank's shards of every sharded tensor (FSDP2's
+                           DTensors: weights, moments, EMA averages), see ``sharded.py``
+    rng_<rank>.safetensors / rng_<rank>.json   each process's own state (its RNGs), and
+    grad_<rank>.safetensors   its partial gradients inside an accumulation window
+    manifest.json          written last, by the main process once every rank's files are on
+                           disk: the size of every other file and the XXH3-64 hash of each of
+                           its CHECKSUM_CHUNK pieces (checked in parallel on every core)
 
 It is written into ``.tmp-<name>``, fsync'ed, renamed into place, then the ``latest`` pointer
-is replaced atomically; only then may old checkpoints be deleted. Loading runs no code:
-safetensors and JSON only.
+is replaced atomically; only then may old checkpoints be deleted. A checkpoint without a
+manifest, or missing any file the manifest lists (a rank's part), is not read. Loading runs
+no code: safetensors and JSON only.
 """
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ import hashlib
 import json
 import mmap
 import os
-import random
 import re
 import shutil
 import stat
@@ -35,16 +39,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from .collective import gather
-from .errors import ConfigError
+from ..collective import gather
+from .sharded import SHARDED_DIR, is_dtensor, save_shards
 
 MANIFEST = 'manifest.json'
 LATEST = 'latest'
 CHECKSUM_CHUNK = 32 << 20
-FORMAT_VERSION = 3  # 3: XXH3-64 per piece; 2: CRC-32 per piece; 1: sha256 per file
+# 4: named state parts, sharded/; 3: XXH3-64 per piece; 2: CRC-32 per piece; 1: sha256 per file
+FORMAT_VERSION = 4
 
 
 class CheckpointError(RuntimeError):
@@ -52,8 +56,13 @@ class CheckpointError(RuntimeError):
 
 
 # ---- tensors <-> JSON --------------------------------------------------------------------
-def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: str = '') -> Any:
-    """Replace every tensor in ``obj`` by ``{"__tensor__": key}``, collecting it in ``tensors``."""
+def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: str = '',
+                  sharded: dict | None = None) -> Any:
+    """Replace every tensor in ``obj`` by ``{"__tensor__": key}``, collecting it in ``tensors``;
+    with ``sharded``, a ``DTensor`` by ``{"__sharded__": key}``, collected (as is) there."""
+    if sharded is not None and is_dtensor(obj):
+        sharded[path] = obj
+        return {'__sharded__': path}
     if isinstance(obj, torch.Tensor):
         key = path or 'tensor'
         tensors[key] = obj.detach().cpu().contiguous()
@@ -64,26 +73,56 @@ def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: str = '') ->
             if not isinstance(k, (str, int)):
                 raise CheckpointError(f'checkpoint key {path}.{k!r} is a {type(k).__name__}; '
                                       f'only str and int keys can be stored')
-            out[str(k) if isinstance(k, str) else f'__int__{k}'] = split_tensors(v, tensors, f'{path}.{k}'.lstrip('.'))
+            out[str(k) if isinstance(k, str) else f'__int__{k}'] = split_tensors(
+                v, tensors, f'{path}.{k}'.lstrip('.'), sharded)
         return out
     if isinstance(obj, (list, tuple)):
-        return [split_tensors(v, tensors, f'{path}.{i}') for i, v in enumerate(obj)]
+        return [split_tensors(v, tensors, f'{path}.{i}', sharded) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise CheckpointError(f'cannot store {type(obj).__name__} at checkpoint key {path!r}: only '
                           f'tensors, numbers, strings, None, lists and dicts are stored (no pickle)')
 
 
+def sharded_tensors(obj: Any, path: str = '') -> dict:
+    """Only the ``DTensor``s of ``obj``, by the keys :func:`split_tensors` gives them (what a
+    rank other than the main process contributes to a save: its shards)."""
+    if is_dtensor(obj):
+        return {path: obj}
+    items = (obj.items() if isinstance(obj, dict) else enumerate(obj)
+             if isinstance(obj, (list, tuple)) else ())
+    out: dict = {}
+    for k, v in items:
+        out.update(sharded_tensors(v, f'{path}.{k}'.lstrip('.') if isinstance(obj, dict)
+                                   else f'{path}.{k}'))
+    return out
+
+
 def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`split_tensors`."""
+    """Inverse of :func:`split_tensors` (``tensors`` holds the sharded ones too, once loaded;
+    a sharded one not loaded stays a ``{"__sharded__": key}`` placeholder)."""
     if isinstance(obj, dict):
         if set(obj) == {'__tensor__'}:
             return tensors[obj['__tensor__']]
-        return {(int(k[7:]) if k.startswith('__int__') else k): join_tensors(v, tensors)
+        if set(obj) == {'__sharded__'}:
+            return tensors.get(obj['__sharded__'], obj)
+        return {(int(k[7:]) if isinstance(k, str) and k.startswith('__int__') else k):
+                join_tensors(v, tensors)
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [join_tensors(v, tensors) for v in obj]
     return obj
+
+
+def sharded_keys(obj: Any) -> list[str]:
+    """The keys of the ``{"__sharded__": key}`` placeholders in a state document."""
+    if isinstance(obj, dict):
+        if set(obj) == {'__sharded__'}:
+            return [obj['__sharded__']]
+        return [k for v in obj.values() for k in sharded_keys(v)]
+    if isinstance(obj, list):
+        return [k for v in obj for k in sharded_keys(v)]
+    return []
 
 
 def model_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -98,38 +137,6 @@ def model_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
             seen.add(ptr)
         out[k] = t
     return out
-
-
-# ---- RNG -------------------------------------------------------------------------------------
-def rng_state() -> tuple[dict, dict]:
-    """(tensors, json) of every RNG this process uses."""
-    tensors = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f'cuda.{i}'] = s
-    version, internal, gauss = random.getstate()
-    meta: dict = {'python': [version, list(internal), gauss]}
-    try:
-        import numpy as np
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        tensors['numpy'] = torch.from_numpy(keys.astype('int64'))
-        meta['numpy'] = [name, pos, has_gauss, cached]
-    except ImportError:  # numpy is optional
-        pass
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict, meta: dict) -> None:
-    torch.set_rng_state(tensors['torch'])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith('cuda.'))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = meta['python']
-    random.setstate((version, tuple(internal), gauss))
-    if 'numpy' in meta and 'numpy' in tensors:
-        import numpy as np
-        name, pos, has_gauss, cached = meta['numpy']
-        np.random.set_state((name, tensors['numpy'].numpy().astype('uint32'), pos, has_gauss, cached))
 
 
 # ---- atomic file writing --------------------------------------------------------------------
@@ -261,12 +268,16 @@ class CheckpointWriter:
         self.accelerator = accelerator
 
     def write(self, ckpt_dir: Path, model_state: dict | None, state: dict,
-              rank_tensors: dict | None = None) -> Path:
-        """``rank_tensors``: this process's own tensors (partial gradients), if any.
+              rank_state: dict | None = None) -> Path:
+        """Write ``state`` (a mapping of JSON values and tensors: the main process writes its
+        whole tensors, every rank its shards of the ``DTensor``s in it), ``model_state`` (the
+        main process's whole weights, or None) and ``rank_state`` (this process's own:
+        ``{stem: state}`` becomes ``<stem>_<rank>.safetensors`` and, if it holds more than
+        tensors, ``<stem>_<rank>.json``).
 
         A failure on any rank (disk full, quota, permissions, a state that cannot be stored)
-        stops every rank at the next of the save's three agreements (each is a barrier the
-        save needs anyway), the temporary directory is removed, and every rank raises: one
+        stops every rank at the next of the save's agreements (each is a barrier the save
+        needs anyway), the temporary directory is removed, and every rank raises: one
         :class:`CheckpointError` naming the checkpoint, the bytes it needed, the free space
         and the previous checkpoint, which is intact (``latest`` still points at it). A rank
         whose own failure was not an I/O error re-raises that exception."""
@@ -275,6 +286,8 @@ class CheckpointWriter:
         ckpt_dir = Path(ckpt_dir)
         tmp = ckpt_dir.parent / f'.tmp-{ckpt_dir.name}'
         self.placed = False  # set once the complete checkpoint has its name
+        shards = sharded_tensors(state)
+        entries: dict = {}  # this rank's files -> manifest entries
 
         def prepare():
             if os.path.lexists(tmp):
@@ -282,24 +295,32 @@ class CheckpointWriter:
             tmp.mkdir(parents=True)
 
         def own_files():
-            rng_tensors, rng_meta = rng_state()
-            _write(tmp / f'rng_{rank}.safetensors', st_save(rng_tensors))
-            _write(tmp / f'rng_{rank}.json', json.dumps(rng_meta).encode())
-            if rank_tensors:
-                grads = model_tensors(rank_tensors)
-                _write_tensors(tmp / f'grad_{rank}.safetensors', grads, io).result()
-
-        failures, mine = [], None
-        try:
             with ThreadPoolExecutor(max_workers=2) as io:
-                steps = [prepare if main else None, own_files,
-                         (lambda: self._write_main(ckpt_dir, tmp, model_state, state, io))
-                         if main else None]
-                for step in steps:
-                    reason, mine = self._attempt(step, rank)
-                    failures = [f for f in gather(reason) if f]
-                    if failures:
-                        break
+                if shards:  # collective: the main process's temporary directory exists
+                    for name in save_shards(shards, tmp / SHARDED_DIR, rank):
+                        entries[f'{SHARDED_DIR}/{name}'] = _entry(_read(tmp / SHARDED_DIR / name))
+                for stem, part in (rank_state or {}).items():
+                    tensors: dict = {}
+                    doc = split_tensors(part, tensors)
+                    name = f'{stem}_{rank}.safetensors'
+                    entries[name] = _write_tensors(tmp / name, model_tensors(tensors), io).result()
+                    if doc != {k: {'__tensor__': k} for k in tensors}:
+                        name = f'{stem}_{rank}.json'
+                        entries[name] = _write(tmp / name, json.dumps(doc).encode())
+
+        failures, mine, ranks_entries = [], None, []
+        try:
+            for step in (prepare if main else None, own_files):
+                reason, mine = self._attempt(step, rank)
+                failures = [f for f in gather(reason) if f]
+                if failures:
+                    break
+            if not failures:
+                ranks_entries = gather(entries)
+                reason, mine = self._attempt(
+                    (lambda: self._write_main(ckpt_dir, tmp, model_state, state, ranks_entries))
+                    if main else None, rank)
+                failures = [f for f in gather(reason) if f]
         except BaseException:  # an interrupt: leave nothing half written behind
             if main:
                 _discard(tmp)
@@ -310,8 +331,7 @@ class CheckpointWriter:
             _discard(tmp)
         if mine is not None and not _is_io_error(mine):
             raise mine
-        raise _save_error(ckpt_dir, failures, model_state, state, rank_tensors,
-                          acc.num_processes)
+        raise _save_error(ckpt_dir, failures, model_state, state, rank_state, acc.num_processes)
 
     def _attempt(self, step, rank: int) -> tuple[dict | None, BaseException | None]:
         """Run ``step`` (None: nothing to do on this rank); ``(reason, exception)`` if it failed."""
@@ -325,23 +345,27 @@ class CheckpointWriter:
         return None, None
 
     def _write_main(self, ckpt_dir: Path, tmp: Path, model_state: dict | None, state: dict,
-                    io: ThreadPoolExecutor) -> None:
-        """The main process's part: the model, the state, the manifest, then the renames."""
-        pending = {}
-        if model_state is not None:
-            pending['model.safetensors'] = _write_tensors(tmp / 'model.safetensors',
-                                                          model_tensors(model_state), io)
-        tensors: dict = {}
-        doc = split_tensors(state, tensors)
-        doc['format_version'] = FORMAT_VERSION
-        pending['state.safetensors'] = _write_tensors(tmp / 'state.safetensors', tensors, io)
-        files = {'state.json': _write(tmp / 'state.json', json.dumps(doc, indent=1).encode())}
-        files.update((name, job.result()) for name, job in pending.items())
-        for r in range(self.accelerator.num_processes):
-            for name in (f'rng_{r}.safetensors', f'rng_{r}.json', f'grad_{r}.safetensors'):
-                if (tmp / name).is_file():
-                    files[name] = _entry(_read(tmp / name))
-        _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files},
+                    ranks_entries: list[dict]) -> None:
+        """The main process's part, once every rank's files are on disk: the model, the
+        state, the manifest (the commit record), then the renames."""
+        files: dict = {}
+        with ThreadPoolExecutor(max_workers=2) as io:
+            pending = {}
+            if model_state is not None:
+                pending['model.safetensors'] = _write_tensors(tmp / 'model.safetensors',
+                                                              model_tensors(model_state), io)
+            tensors: dict = {}
+            doc = split_tensors(state, tensors, sharded={})
+            doc['format_version'] = FORMAT_VERSION
+            pending['state.safetensors'] = _write_tensors(tmp / 'state.safetensors', tensors, io)
+            files['state.json'] = _write(tmp / 'state.json', json.dumps(doc, indent=1).encode())
+            files.update((name, job.result()) for name, job in pending.items())
+        for rank_files in ranks_entries:
+            files.update(rank_files)
+        if any(name.startswith(f'{SHARDED_DIR}/') for name in files):
+            _fsync(tmp / SHARDED_DIR)
+        _write(tmp / MANIFEST, json.dumps({'format_version': FORMAT_VERSION, 'files': files,
+                                           'world_size': self.accelerator.num_processes},
                                           indent=1).encode())
         _fsync(tmp)
         if os.path.lexists(ckpt_dir) and not _is_checkpoint(ckpt_dir):
@@ -417,7 +441,7 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def _save_error(ckpt_dir: Path, failures: list[dict], model_state, state, rank_tensors=None,
+def _save_error(ckpt_dir: Path, failures: list[dict], model_state, state, rank_state=None,
                 world: int = 1) -> CheckpointError:
     """Which checkpoint failed and why, how much it needed, how much is free, what is intact."""
     root = ckpt_dir.parent
@@ -439,7 +463,7 @@ def _save_error(ckpt_dir: Path, failures: list[dict], model_state, state, rank_t
     if not all(f['io'] for f in failures):
         return CheckpointError(f'saving checkpoint {ckpt_dir} failed ({why}); nothing of it was '
                                f'kept and {previous}.')
-    needed, free = _bytes_needed(model_state, state, rank_tensors, world), _free_bytes(root)
+    needed, free = _bytes_needed(model_state, state, rank_state, world), _free_bytes(root)
     need = f'it needed about {_size(needed)} in all' if needed is not None else 'its size is unknown'
     have = (f'{_size(free)} are free on the file system of {root}' if free is not None
             else f'the free space of {root} is unknown')
@@ -460,17 +484,18 @@ def _pointer(root: Path) -> str | None:
     return name if name and '/' not in name and _is_checkpoint(root / name) else None
 
 
-def _bytes_needed(model_state, state, rank_tensors=None, world: int = 1) -> int | None:
-    """The bytes of the tensors and the state JSON, with every rank's partial gradients
-    counted as large as this rank's (the files' headers and RNG states add a little)."""
+def _bytes_needed(model_state, state, rank_state=None, world: int = 1) -> int | None:
+    """The bytes of the tensors and the state JSON, with every rank's own state (partial
+    gradients, RNGs) and shards counted as large as this rank's (headers add a little)."""
     def nbytes(values) -> int:
-        return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+        return sum(t.numel() * t.element_size() for t in values)
     try:
-        tensors: dict = {}
-        doc = split_tensors(state, tensors)
+        tensors, mine, shards = {}, {}, {}
+        doc = split_tensors(state, tensors, sharded=shards)
+        split_tensors(rank_state or {}, mine)
+        local = [getattr(t, '_local_tensor', t) for t in shards.values()]
         return (nbytes((model_state or {}).values()) + nbytes(tensors.values())
-                + len(json.dumps(doc, indent=1).encode())
-                + world * nbytes((rank_tensors or {}).values()))
+                + len(json.dumps(doc, indent=1).encode()) + world * (nbytes(mine.values()) + nbytes(local)))
     except (CheckpointError, TypeError, ValueError):
         return None
 
@@ -502,20 +527,21 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
         raise CheckpointError(f'{mpath} is missing (the checkpoint was not completely written)')
     _check_regular(mpath, ckpt_dir)
     try:
-        manifest = json.loads(bytes(_read(mpath, own=True)))
+        raw = _read(mpath, own=True)
+        manifest = json.loads(bytes(raw))
         files = manifest['files']
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f'{mpath} is not a valid manifest: {e}') from None
     if not isinstance(files, dict):
         raise CheckpointError(f'{mpath} is not a valid manifest: "files" is not an object')
-    out, jobs = {}, {}
+    out, jobs = {MANIFEST: raw}, {}
     # Every file is mapped, not read: the checksum faults its pages in and the tensors view them.
     for name in files:
-        if not isinstance(name, str) or '/' in name or '\\' in name or name.startswith('.') \
-                or name == MANIFEST:
+        if not _valid_name(name):
             raise CheckpointError(f'{mpath} lists an invalid file name {name!r}')
         if os.path.lexists(ckpt_dir / name):  # a missing one is reported below
             _check_regular(ckpt_dir / name, ckpt_dir)  # every file, before the first is opened
+    _check_sharded_dir(ckpt_dir, [n for n in files if '/' in n])
     with _checksum_pool() as pool:
         for name, entry in files.items():
             expected, chunk, fn = _expected_checksums(entry)
@@ -523,7 +549,8 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
                 raise CheckpointError(f'{mpath} has no valid size/checksums for {name!r}')
             p = ckpt_dir / name
             if not p.is_file():
-                raise CheckpointError(f'{p} is listed in the manifest but missing')
+                raise CheckpointError(f'{p} ({_part(name)}) is listed in the manifest but missing: '
+                                      f'the checkpoint is incomplete')
             out[name] = _read(p, own=True)
             if len(out[name]) != entry['size']:
                 raise CheckpointError(f'{p} is damaged: its size differs from {MANIFEST}')
@@ -536,6 +563,42 @@ def verify(ckpt_dir: Path) -> dict[str, bytes]:
     return out
 
 
+def _valid_name(name: Any) -> bool:
+    """A file of the checkpoint's own: ``name`` or ``sharded/name``, no hidden or path parts."""
+    if not isinstance(name, str) or '\\' in name or name == MANIFEST:
+        return False
+    parts = name.split('/')
+    if len(parts) == 2 and parts[0] != SHARDED_DIR:
+        return False
+    return len(parts) <= 2 and all(p and not p.startswith('.') for p in parts)
+
+
+def _part(name: str) -> str:
+    """Whose part of the checkpoint a file is, for the error that it is missing."""
+    m = re.fullmatch(r'(\w+?)_(\d+)\.(safetensors|json)', name)
+    if m:
+        return f"rank {m.group(2)}'s {m.group(1)} state"
+    m = re.fullmatch(rf'{SHARDED_DIR}/shard-(\d+)-.*', name)
+    if m:
+        return f"rank {int(m.group(1)) - 1}'s shards"
+    return 'written by the main process'
+
+
+def _check_sharded_dir(ckpt_dir: Path, names: list[str]) -> None:
+    """``sharded/`` is a real directory holding exactly the manifest's shard files (DCP's
+    reader reads every safetensors file there: one planted beside them must not be)."""
+    shard_dir = ckpt_dir / SHARDED_DIR
+    if not os.path.lexists(shard_dir):
+        return  # no shards, or all missing: reported file by file
+    st = os.lstat(shard_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f'{shard_dir} is not a directory ({_kind(st.st_mode)}): it is not read')
+    extra = sorted(set(f'{SHARDED_DIR}/{n}' for n in os.listdir(shard_dir)) - set(names))
+    if extra:
+        raise CheckpointError(f'{shard_dir} holds files the manifest does not list ({extra[:3]}): '
+                              f'the shards are not read')
+
+
 def _check_regular(path: Path, ckpt_dir: Path) -> None:
     """Refuse a link, a non-regular file (a FIFO would block the read) or anything resolving
     outside the checkpoint, without opening it (``os.lstat`` only)."""
@@ -545,7 +608,9 @@ def _check_regular(path: Path, ckpt_dir: Path) -> None:
                               f'holds only its own regular files, so it is not read')
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f'{path} is not a regular file ({_kind(st.st_mode)}): it is not read')
-    if path.resolve().parent != ckpt_dir.resolve():
+    root = ckpt_dir.resolve()
+    if path.resolve().parent not in (root, root / SHARDED_DIR) or (
+            path.parent.name == SHARDED_DIR and os.path.islink(path.parent)):
         raise CheckpointError(f'{path} resolves outside {ckpt_dir}: it is not read')
 
 
@@ -667,7 +732,10 @@ def _load_json(data: bytes, where: Path, kind: type = dict) -> Any:
 
 
 def read_checkpoint(ckpt_dir: Path, rank: int = 0) -> dict:
-    """Verify and load a checkpoint into a dict: model, state, rng (of ``rank``)."""
+    """Verify a checkpoint and load it: ``model`` (whole weights, or None), ``state`` (the
+    named parts; sharded tensors stay ``{"__sharded__": key}`` until :func:`~.sharded.load_shards`
+    reads them), ``rank`` (process ``rank``'s own state by stem), ``world_size``, ``files``
+    (the verified files' bytes, for :func:`read_rank_state` of other ranks) and ``path``."""
     ckpt_dir = Path(ckpt_dir)
     blobs = verify(ckpt_dir)
     for name in ('state.json', 'state.safetensors'):
@@ -683,27 +751,36 @@ def read_checkpoint(ckpt_dir: Path, rank: int = 0) -> dict:
     model = None
     if 'model.safetensors' in blobs:
         model = _load_tensors(blobs['model.safetensors'], ckpt_dir / 'model.safetensors')
-    rng = None
-    if f'rng_{rank}.safetensors' in blobs:
-        rng_json = f'rng_{rank}.json'
-        if rng_json not in blobs:
-            raise CheckpointError(f'{ckpt_dir / rng_json} is missing from {MANIFEST}')
-        rng = (_load_tensors(blobs[f'rng_{rank}.safetensors'], ckpt_dir / f'rng_{rank}.safetensors'),
-               _load_json(blobs[rng_json], ckpt_dir / rng_json))
-    grads = None
-    if f'grad_{rank}.safetensors' in blobs:
-        grads = _load_tensors(blobs[f'grad_{rank}.safetensors'], ckpt_dir / f'grad_{rank}.safetensors')
-    return {'model': model, 'state': state, 'rng': rng, 'grads': grads, 'path': str(ckpt_dir)}
+    manifest = _load_json(blobs.pop(MANIFEST), ckpt_dir / MANIFEST)
+    world = manifest.get('world_size', (state.get('meta') or {}).get('world_size'))
+    return {'model': model, 'state': state, 'rank': read_rank_state(ckpt_dir, blobs, rank),
+            'world_size': world, 'files': blobs, 'path': str(ckpt_dir)}
+
+
+def read_rank_state(ckpt_dir: Path, blobs: dict, rank: int) -> dict:
+    """Process ``rank``'s own state, ``{stem: state}``, from the verified files ``blobs``."""
+    out = {}
+    for name in blobs:
+        m = re.fullmatch(rf'(\w+?)_{rank}\.safetensors', name)
+        if not m:
+            continue
+        tensors = _load_tensors(blobs[name], ckpt_dir / name)
+        doc_name = f'{m.group(1)}_{rank}.json'
+        doc = (_load_json(blobs[doc_name], ckpt_dir / doc_name) if doc_name in blobs
+               else {k: {'__tensor__': k} for k in tensors})
+        try:
+            out[m.group(1)] = join_tensors(doc, tensors)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f'{ckpt_dir / doc_name} refers to a tensor missing from '
+                                  f'{name}: {e}') from None
+    return out
 
 
 def read_model_weights(path: Path) -> dict[str, torch.Tensor]:
     """Weights from a checkpoint directory (verified) or a bare ``.safetensors`` file."""
     path = Path(path)
     if path.is_dir():
-        blobs = verify(path)
-        if 'model.safetensors' not in blobs:
-            raise CheckpointError(f'{path} holds no model weights')
-        return _load_tensors(blobs['model.safetensors'], path / 'model.safetensors')
+        return whole_weights(read_checkpoint(path))
     if path.suffix == '.safetensors' and path.is_file():
         return _load_tensors(_read(path), path)
     if not path.exists():
@@ -711,6 +788,28 @@ def read_model_weights(path: Path) -> dict[str, torch.Tensor]:
                               f'.safetensors file')
     raise CheckpointError(f'{path}: expected a checkpoint directory or a .safetensors file '
                           f'(pickled .pth/.bin files are refused: loading them can run code)')
+
+
+def whole_weights(ckpt: dict) -> dict[str, torch.Tensor]:
+    """A read checkpoint's model weights as whole tensors: ``model.safetensors``, or its
+    sharded weights put together on this process."""
+    if ckpt['model'] is not None:
+        return ckpt['model']
+    weights = ckpt['state'].get('model')
+    if not isinstance(weights, dict) or not weights:
+        raise CheckpointError(f'{ckpt["path"]} holds no model weights')
+    return whole(ckpt, weights)
+
+
+def whole(ckpt: dict, obj: Any) -> Any:
+    """``obj`` (a part of a read checkpoint's state) with its sharded tensors read whole:
+    every rank's shards put together on this process, no process group needed."""
+    keys = sharded_keys(obj)
+    if not keys:
+        return obj
+    from .sharded import load_shards
+    loaded = load_shards(Path(ckpt['path']) / SHARDED_DIR, dict.fromkeys(keys), ckpt['path'])
+    return join_tensors(obj, loaded)
 
 
 def candidates(ckpt_root: Path) -> list[Path]:
@@ -767,268 +866,3 @@ def find_resumable(ckpt_root: Path, rank: int = 0) -> dict:
     detail = ('; '.join(tried)) if tried else 'no checkpoint directories found'
     raise CheckpointError(f'resume was requested but {ckpt_root} has no valid checkpoint ({detail}). '
                           f'Start a fresh run with resume=False, or pass resume=PATH.')
-
-
-def check_weights(module: torch.nn.Module, weights: dict, source: str, strict: bool = True) -> None:
-    """Load ``weights`` into ``module``; in strict mode refuse (loading nothing) on any mismatch."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [f'{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}'
-              for k in own if k in weights and weights[k].shape != own[k].shape]
-    if shapes or (strict and (missing or unexpected)):
-        lines = [f'cannot load weights from {source} into {type(module).__name__} '
-                 f'(nothing was loaded):']
-        if missing:
-            lines.append(f'  missing keys ({len(missing)}): {", ".join(missing)}')
-        if unexpected:
-            lines.append(f'  unexpected keys ({len(unexpected)}): {", ".join(unexpected)}')
-        if shapes:
-            lines.append(f'  shape mismatches ({len(shapes)}): ' + '; '.join(shapes))
-        lines.append('  Pass strict=False (load_from with strict=False) to load the matching keys only.'
-                     if not shapes else '  Shape mismatches cannot be loaded.')
-        raise CheckpointError('\n'.join(lines))
-    from .sharding import is_sharded, load_full_model_state
-    weights = {k: v for k, v in weights.items() if k in own}
-    if is_sharded(module):  # FSDP2: DTensor parameters take their shards of the full tensors
-        load_full_model_state(module, weights)
-    else:
-        module.load_state_dict(weights, strict=False)
-
-
-RESUME_USAGE = ("resume takes True (the latest checkpoint of the work dir), False, 'auto' (the "
-                "latest, or a fresh start if there was none) or a checkpoint path")
-# Words a user may write for a boolean: never read as a checkpoint path (even if one exists).
-_RESUME_WORDS = {'yes': True, 'no': False, 'true': True, 'false': False, 'on': True, 'off': False,
-                 'y': True, 'n': False, '1': True, '0': False, 'none': False, 'null': False,
-                 'latest': True, 'last': True, '': None}
-
-
-def resolve_resume(resume: Any) -> bool | str | Path:
-    """``True``: the latest valid checkpoint, required; ``'auto'``: the same, but a work dir
-    that never had a checkpoint starts fresh (a first submission of a requeued job); a path.
-
-    A string is a path if it exists or looks like one (it has a directory part, or names a
-    checkpoint: ``epoch_3``, ``iter_1000``, ``best_*``, ``*.safetensors``). A boolean word
-    (``'yes'``, ``'false'``, ...) or any other string is a :class:`ConfigError`.
-    """
-    if resume in (None, False):
-        return False
-    if resume is True:
-        return True
-    if isinstance(resume, str) and resume.strip().lower() == 'auto':
-        return 'auto'
-    if isinstance(resume, str):
-        word = resume.strip().lower()
-        if word in _RESUME_WORDS:
-            meant = _RESUME_WORDS[word]
-            hint = '' if meant is None else (
-                f' Did you mean resume={meant}? (A checkpoint directory with that name is '
-                f'written ./{resume.strip()}.)')
-            raise ConfigError(f'resume = {resume!r} is not valid: {RESUME_USAGE}; the string '
-                              f'{resume!r} is not read as a path.{hint}')
-    if isinstance(resume, (str, os.PathLike)):
-        path = Path(resume).expanduser()
-        if path.exists() or _looks_like_checkpoint(str(resume)):
-            return path
-        raise ConfigError(f'resume = {str(resume)!r} is not valid: {RESUME_USAGE}; there is no '
-                          f'file or directory {str(resume)!r} (from {os.getcwd()}), and it does '
-                          f'not look like a checkpoint path (e.g. work_dirs/x/checkpoints/epoch_3)')
-    raise ConfigError(f'resume = {resume!r} is not valid: {RESUME_USAGE}')
-
-
-def _looks_like_checkpoint(text: str) -> bool:
-    seps = {'/', os.sep, os.altsep} - {None}
-    if any(sep in text for sep in seps) or text.startswith(('~', '.')):
-        return True
-    name = text.strip()
-    for prefix in ('iter_', 'epoch_'):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return True
-    return name.startswith('best_') or name.endswith('.safetensors')
-
-
-# ---- what the runner saves --------------------------------------------------------------------
-def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: bool = True) -> dict:
-    """The non-model part of a checkpoint, as a dict of JSON values and tensors."""
-    from . import __version__
-    meta = {'scale_runner': __version__, 'torch': torch.__version__,
-            'world_size': runner.accelerator.num_processes, 'seed': runner.seed,
-            'experiment_name': runner.experiment_name,
-            'cfg': _jsonable(runner.cfg.to_dict()) if runner.cfg is not None else None}
-    loop = runner.train_loop
-    if loop is not None:
-        meta['train_batch_size'] = train_batch_size(loop.dataloader)
-    if runner.optim_wrapper is not None:
-        meta['accumulative_counts'] = getattr(runner.optim_wrapper, 'accumulative_counts', 1)
-    state = {'meta': meta, 'train_state': runner.state.state_dict(), 'hooks': {}}
-    if save_optimizer and runner.optim_wrapper is not None and _deepspeed(runner):
-        # ZeRO keeps each rank's optimizer partition in objects of its own (loss scaler,
-        # partition maps) that have no pickle-free form yet: save the weights and the training
-        # state, and make resume say so instead of continuing with a fresh optimizer.
-        meta['optimizer_not_saved'] = 'DeepSpeed ZeRO optimizer partitions'
-        warnings.warn('DeepSpeed: checkpoints hold the weights and the training state but not the '
-                      'ZeRO optimizer partitions; they can be load_from, not resumed')
-        save_optimizer = False
-    if save_optimizer and runner.optim_wrapper is not None:
-        state['optimizer'] = runner.optim_wrapper.state_dict()
-        state['optim_wrapper'] = {'update_count': runner.optim_wrapper.update_count,
-                                  'skipped_steps': getattr(runner.optim_wrapper, 'skipped_steps', None)}
-        scaler = getattr(runner.accelerator, 'scaler', None)
-        if scaler is not None:  # fp16: the loss scale and its growth tracker resume exactly
-            state['grad_scaler'] = scaler.state_dict()
-    if save_param_scheduler and runner.param_schedulers:
-        state['param_schedulers'] = [s.state_dict() for s in runner.param_schedulers]
-    return state
-
-
-def _deepspeed(runner) -> bool:
-    return runner.accelerator is not None and runner.accelerator.distributed_type == 'DEEPSPEED'
-
-
-def train_batch_size(dataloader) -> int | None:
-    """Samples per train iteration over all processes (what the sampler position counts)."""
-    return getattr(dataloader, 'total_batch_size', None) or getattr(dataloader, 'batch_size', None)
-
-
-def partial_gradients(runner) -> dict[str, torch.Tensor]:
-    """This process's gradients when a checkpoint falls inside an accumulation window.
-
-    Exact resume restores them (``grad_<rank>.safetensors``): every rank's own, since under
-    ``no_sync`` they are not yet all-reduced. At a window boundary gradients are ``None``
-    (``zero_grad(set_to_none=True)``) and nothing is written.
-    """
-    wrapper = runner.optim_wrapper
-    if wrapper is None or getattr(wrapper, 'accumulative_counts', 1) == 1 or runner.model is None:
-        return {}
-    from .model import unwrap
-    return {name: p.grad for name, p in unwrap(runner.model).named_parameters() if p.grad is not None}
-
-
-def _jsonable(obj):
-    from .config import to_plain
-    return json.loads(json.dumps(to_plain(obj), default=repr))
-
-
-def restore_state(runner, ckpt: dict) -> None:
-    """Apply a checkpoint read by :func:`read_checkpoint` to a runner being resumed."""
-    state = ckpt['state']
-    saved_ws = state.get('meta', {}).get('world_size')
-    if saved_ws is not None and saved_ws != runner.accelerator.num_processes:
-        raise CheckpointError(
-            f'{ckpt["path"]} was saved with world_size={saved_ws} but this run has '
-            f'{runner.accelerator.num_processes} processes: exact resume needs the same number; '
-            f'use load_from={ckpt["path"]!r} to start a new run from its weights instead')
-    meta = state.get('meta', {})
-    if meta.get('optimizer_not_saved') and runner.optim_wrapper is not None:
-        raise CheckpointError(
-            f'{ckpt["path"]} holds no optimizer state ({meta["optimizer_not_saved"]} are not '
-            f'saved yet), so training cannot resume exactly from it; use '
-            f'load_from={ckpt["path"]!r} to start a new run from its weights')
-    current = {'train_dataloader.batch_size (samples per iteration over all processes)':
-               ('train_batch_size', train_batch_size(runner.train_loop.dataloader)
-                if runner.train_loop is not None else None),
-               'optim_wrapper.accumulative_counts':
-               ('accumulative_counts', getattr(runner.optim_wrapper, 'accumulative_counts', None))}
-    for field, (key, now) in current.items():
-        saved = meta.get(key)
-        if saved is not None and now is not None and saved != now:
-            raise CheckpointError(
-                f'{ckpt["path"]} was saved with {field} = {saved} but this run has {now}: '
-                f'exact resume needs the same value (the sampler position and the accumulation '
-                f'window are counted in it); use load_from={ckpt["path"]!r} to start a new run '
-                f'from its weights instead')
-    runner.state.load_state_dict(state['train_state'])
-    if 'optimizer' in state and runner.optim_wrapper is not None:
-        runner.optim_wrapper.load_state_dict(state['optimizer'])
-        runner.optim_wrapper.update_count = state['optim_wrapper']['update_count']
-        if state['optim_wrapper'].get('skipped_steps') is not None:
-            runner.optim_wrapper.skipped_steps = state['optim_wrapper']['skipped_steps']
-    scaler = getattr(runner.accelerator, 'scaler', None)
-    if scaler is not None and 'grad_scaler' in state:
-        scaler.load_state_dict(state['grad_scaler'])
-    for sched, s in zip(runner.param_schedulers, state.get('param_schedulers', [])):
-        sched.load_state_dict(s)
-    if ckpt['rng'] is not None:
-        set_rng_state(*ckpt['rng'])
-    _restore_gradients(runner, ckpt.get('grads'), ckpt['path'])
-
-
-def _restore_gradients(runner, grads: dict | None, path: str) -> None:
-    """Put a checkpoint's partial gradients (an open accumulation window) back on the params."""
-    from .model import unwrap
-    params = dict(unwrap(runner.model).named_parameters())
-    for p in params.values():
-        p.grad = None
-    if not grads:
-        return
-    unknown = sorted(set(grads) - set(params))
-    if unknown:
-        raise CheckpointError(f'{path}: partial gradients for unknown parameters {unknown}')
-    for name, g in grads.items():
-        p = params[name]
-        if g.shape != p.shape:
-            raise CheckpointError(f'{path}: partial gradient of {name} has shape {tuple(g.shape)}, '
-                                  f'the parameter {tuple(p.shape)}')
-        p.grad = g.to(device=p.device, dtype=p.dtype).clone()
-
-
-# ---- export ------------------------------------------------------------------------------------
-def export_weights(src: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> Path:
-    """Write the model weights of checkpoint ``src`` (verified) to the ``.safetensors`` file ``out``.
-
-    Nothing else (optimizer, RNG, counters) is exported. ``ema=True``: the EMAHook's average
-    instead of the training weights (entries it does not average, such as buffers without
-    ``update_buffers``, stay the training ones). The file's metadata says where the weights
-    come from: ``format=pt``, ``producer``, ``source``, ``epoch``/``iter`` when known, and
-    ``weights=ema`` with ``ema_steps`` for an average. The file is written under a temporary
-    name and renamed, so ``out`` is never half written.
-    """
-    from . import __version__
-    src, out = Path(src), Path(out)
-    if out.suffix != '.safetensors':
-        raise CheckpointError(f'{out}: the export target must be a .safetensors file')
-    meta = {'format': 'pt', 'producer': f'scale_runner {__version__}',
-            'scale_runner_checkpoint_format': str(FORMAT_VERSION), 'source': src.name}
-    if not src.is_dir():
-        if ema:
-            raise CheckpointError(f'{src}: an EMA average is exported from a checkpoint directory '
-                                  f'(a .safetensors file holds one set of weights)')
-        weights = read_model_weights(src)
-    else:
-        ckpt = read_checkpoint(src)  # verified once
-        weights, state = ckpt['model'], ckpt['state']
-        if weights is None:
-            raise CheckpointError(f'{src} holds no model weights')
-        train_state = state.get('train_state') or {}
-        for key in ('epoch', 'iter'):
-            if isinstance(train_state.get(key), int):
-                meta[key] = str(train_state[key])
-        name = (state.get('meta') or {}).get('experiment_name')
-        if isinstance(name, str):
-            meta['experiment_name'] = name
-        if ema:
-            weights = _with_average(weights, state, src)
-            meta['weights'] = 'ema'
-            meta['ema_steps'] = str(state['hooks']['EMAHook'].get('steps', 0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f'.{out.name}.tmp'
-    save_file(model_tensors(weights), tmp, metadata=meta)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600
-    _fsync(tmp)
-    os.replace(tmp, out)
-    _fsync(out.parent)
-    return out
-
-
-def _with_average(weights: dict, state: dict, src: Path) -> dict:
-    """``weights`` with the entries the checkpoint's EMAHook averaged replaced by the average."""
-    saved = (state.get('hooks') or {}).get('EMAHook')
-    if not isinstance(saved, dict) or not saved.get('ema'):
-        raise CheckpointError(f'{src} holds no EMA average: it was written without EMAHook in '
-                              f'custom_hooks; export without --ema for the training weights')
-    unknown = sorted(k for k in saved['ema'] if k not in weights)
-    if unknown:
-        raise CheckpointError(f'{src}: the EMA average has entries the model weights do not: '
-                              f'{unknown[:5]}')
-    return {**weights, **saved['ema']}
