@@ -123,6 +123,13 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world > 1 and 'cpu' not in kwargs and not _has_accelerator():
         kwargs['cpu'] = True  # several processes, no GPU: gloo on the CPU, not N lone ranks
+    fsdp = kwargs.get('fsdp_plugin')
+    if fsdp is not None and _on_cpu(kwargs):
+        # Accelerate would drop the plugin on the CPU and build DDP: the runner shards instead
+        # (scale_runner.fsdp), so Accelerate never sees it.
+        from .fsdp import check_cpu_plugin
+        check_cpu_plugin(fsdp, (cfg or {}).get('fsdp'), kwargs)
+        del kwargs['fsdp_plugin']
     accelerator = Accelerator(**kwargs)
     if world > 1 and accelerator.num_processes == 1:
         raise RuntimeError(
@@ -130,7 +137,17 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
             f'alone as rank 0 and write the same files. Launch with '
             f'`accelerate launch --multi_gpu --num_processes {world} -m scale_runner train CFG` '
             f'(on a CPU-only machine prefix ACCELERATE_USE_CPU=1).')
+    if fsdp is not None and accelerator.distributed_type != 'FSDP':
+        from .fsdp import keep_plugin  # the CPU, or one process: not silently ignored
+        keep_plugin(accelerator, fsdp)
     return accelerator
+
+
+def _on_cpu(kwargs: dict) -> bool:
+    """Whether the Accelerator built from ``kwargs`` will run on the CPU."""
+    from accelerate.utils import parse_flag_from_env
+    return (bool(kwargs.get('cpu')) or parse_flag_from_env('ACCELERATE_USE_CPU')
+            or not _has_accelerator())
 
 
 def check_train_setup(accelerator, dataloader, optim_wrapper) -> None:

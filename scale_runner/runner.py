@@ -158,7 +158,10 @@ class Runner:
     def _prepare_model(self, *extra):
         if not self._prepared_model:
             self._load_weights()
-            out = self.accelerator.prepare(self.model, *extra)
+            from .fsdp import prepare_sharded  # accelerator.fsdp: FSDP2 on any device, or a log line
+            out = prepare_sharded(self.accelerator, self.model, *extra, logger=self.logger)
+            if out is None:
+                out = self.accelerator.prepare(self.model, *extra)
             self.model, extra = (out[0], out[1:]) if extra else (out, ())
             if self.accelerator.distributed_type == 'DEEPSPEED':
                 from .model import cast_inputs_to_weights

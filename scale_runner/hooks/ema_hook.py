@@ -6,6 +6,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..errors import ConfigError
 from ..model import unwrap
+from ..checkpoint.sharded import is_dtensor
 from ..sharding import copy_into
 from ..registry import HOOKS
 from .hook import Hook
@@ -61,6 +62,8 @@ class EMAHook(Hook):
         self._names: list[str] = []
         self._src: list[torch.Tensor] = []
         self._ema: list[torch.Tensor] = []
+        self._src_l: list[torch.Tensor] = []  # their local tensors (the same ones without FSDP2)
+        self._ema_l: list[torch.Tensor] = []
         self._swapped = False
         self._model = None  # the module whose weights are averaged
         self._restored = False  # load_state_dict ran for the current resume
@@ -78,6 +81,9 @@ class EMAHook(Hook):
         self._names = [n for n, _ in named]
         self._src = [t.detach() for _, t in named]
         self._ema = [t.clone() for t in self._src]
+        # The averaging is elementwise: under FSDP2 each rank averages its own shards, on the
+        # local tensors (DTensor has no foreach kernels); the DTensors are what is saved.
+        self._src_l, self._ema_l = _local(self._src), _local(self._ema)
         self.steps = 0
         self._restored = False
         loaded = runner.loaded_hook_state(self)
@@ -99,12 +105,12 @@ class EMAHook(Hook):
             return  # a micro-batch inside an accumulation window, or a skipped update
         with torch.no_grad():
             if runner.iter < self.begin_iter or runner.epoch + 1 < self.begin_epoch:
-                torch._foreach_copy_(self._ema, self._src)  # not started: follow the weights
+                torch._foreach_copy_(self._ema_l, self._src_l)  # not started: follow the weights
                 return
             if self.steps == 0:
-                torch._foreach_copy_(self._ema, self._src)
+                torch._foreach_copy_(self._ema_l, self._src_l)
             elif self.steps % self.interval == 0:
-                torch._foreach_lerp_(self._ema, self._src, self.momentum)
+                torch._foreach_lerp_(self._ema_l, self._src_l, self.momentum)
         self.steps += 1
 
     @property
@@ -117,7 +123,7 @@ class EMAHook(Hook):
         if self._swapped == want:
             return
         with torch.no_grad():
-            for src, ema in zip(self._src, self._ema):
+            for src, ema in zip(self._src_l, self._ema_l):
                 tmp = src.clone()
                 src.copy_(ema)
                 ema.copy_(tmp)
@@ -161,7 +167,7 @@ class EMAHook(Hook):
         runner.logger.warning('EMAHook: the checkpoint has no EMA state; the average restarts '
                               'from the resumed weights')
         with torch.no_grad():
-            torch._foreach_copy_(self._ema, self._src)
+            torch._foreach_copy_(self._ema_l, self._src_l)
         self.steps = 0
 
     def _load_average(self, state: dict) -> None:
@@ -182,3 +188,8 @@ class EMAHook(Hook):
                 else:
                     ema.copy_(src)
         self.steps = int(state.get('steps', 0))
+
+
+def _local(tensors: list) -> list:
+    """Each tensor's local part: a ``DTensor``'s shard (sharing its storage), else itself."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]

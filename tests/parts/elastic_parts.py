@@ -43,3 +43,16 @@ class RecordIndices(Hook):
                'processes': runner.accelerator.num_processes}
         with open(runner.work_dir / f'seen_rank{rank}.jsonl', 'a') as f:
             f.write(json.dumps(row) + '\n')
+
+
+@MODELS.register_module()
+class IndexedMLP(torch.nn.Module):
+    """A two-layer regressor whose layers shard evenly over 2 or 3 ranks (12 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 12), torch.nn.ReLU(), torch.nn.Linear(12, 1))
+
+    def forward(self, x, y=None, idx=None):
+        pred = self.net(x)
+        return {'pred': pred, 'loss': torch.nn.functional.mse_loss(pred, y)} if y is not None else {'pred': pred}
