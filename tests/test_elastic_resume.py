@@ -117,3 +117,22 @@ def test_fsdp2_resumes_exactly_on_the_same_ranks_and_resharded_on_others(tmp_pat
             assert f'2 -> {after} processes' in out and 'not bit-identical' in out, out[-3000:]
             weights = _export(work / 'checkpoints' / f'iter_{end}', tmp_path / f'w{after}.safetensors')
             assert weights['net.0.weight'].shape == (12, 4)
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_inside_an_accumulation_window_exactly(tmp_path):
+    """FSDP2 with accumulative_counts=2, resumed from iteration 3 (inside a window): the
+    sharded gradients are saved as shards and the run ends bit-identical to one never stopped."""
+    options = ('optim_wrapper.accumulative_counts=2', 'default_hooks.checkpoint.max_keep_ckpts=-1')
+    straight = tmp_path / 'straight'
+    straight.mkdir()
+    _train(straight, 2, 'train_cfg.max_iters=7', *options, cfg=FSDP_CFG)
+    doc = json.loads((straight / 'checkpoints' / 'iter_3' / 'state.json').read_text())
+    assert 'grads' in doc  # the window's gradients, sharded
+    work = tmp_path / 'resumed'
+    work.mkdir()
+    shutil.copytree(straight / 'checkpoints' / 'iter_3', work / 'iter_3')
+    _train(work, 2, 'train_cfg.max_iters=7', *options, f'resume={work / "iter_3"}', cfg=FSDP_CFG)
+    want = _export(straight / 'checkpoints' / 'iter_7', tmp_path / 'want.safetensors')
+    got = _export(work / 'checkpoints' / 'iter_7', tmp_path / 'got.safetensors')
+    assert all(torch.equal(want[k], got[k]) for k in want)
