@@ -1,7 +1,8 @@
 """FSDP2-sharded models and optimizers in checkpoints: real ``fully_shard`` over 2 gloo ranks.
 
-Accelerate runs FSDP only on GPUs (``bench/gpu_check.sh`` covers that path end to end); on the
-CPU the same DTensor parameters and optimizer moments come from ``fully_shard`` directly.
+This file drives the checkpoint writer and reader by hand on a model sharded with ``fully_shard``;
+runs of the Runner with ``accelerator.fsdp`` (sharded by the runner on the CPU) and their
+resume on 1, 2 and 3 ranks are in ``tests/test_elastic_resume.py``.
 """
 from __future__ import annotations
 
