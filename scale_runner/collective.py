@@ -29,10 +29,16 @@ def from_main(obj: Any) -> Any:
     return box[0]
 
 
-def gather(obj: Any) -> list:
-    """Every rank's ``obj``, in rank order, on every rank."""
+def gather(obj: Any, group=None) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (over ``group``: a group of all
+    ranks, e.g. a background checkpoint's own, or the default one)."""
     if _world() == 1:
         return [obj]
+    if group is not None:
+        import torch.distributed as dist
+        out: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
     from accelerate.utils import gather_object
     return gather_object([obj])
 
@@ -53,3 +59,13 @@ def agree_max(values: list[int], group) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.tolist()
+
+
+def background_groups() -> tuple:
+    """Two new gloo groups of all ranks (collective), ``(None, None)`` on one process: one for
+    a background checkpoint's agreements, one for the training thread's polls of it. Each
+    group's collectives must come from one thread, in the same order on every rank."""
+    if _world() == 1:
+        return None, None
+    import torch.distributed as dist
+    return dist.new_group(backend='gloo'), dist.new_group(backend='gloo')

@@ -75,6 +75,8 @@ class Runner:
         self.best_scores: dict = {}  # published by CheckpointHook(save_best=...)
         self.train_loop = self.val_loop = self.test_loop = None
         self.loaded_checkpoint_state: dict | None = None  # the state part of load_from's checkpoint
+        self._pending_checkpoint = None  # a background save in flight (async_save)
+        self._checkpoint_groups = None   # its process groups: (writer's, polls')
         self._hooks: list = []
         self._hook_names: dict[int, str] = {}  # id(hook) -> its name in checkpoints
         self._hook_cache: dict[str, list] = {}
@@ -252,7 +254,10 @@ class Runner:
             self.train_loop.run()
             return self.train_loop.last_val_metrics
         finally:
-            self.call_hook('after_run')
+            try:
+                self.wait_checkpoint()  # the end, an exception or a preemption: never lost
+            finally:
+                self.call_hook('after_run')
 
     def val(self) -> dict:
         return self._evaluate('val')
@@ -274,13 +279,45 @@ class Runner:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike, save_optimizer: bool = True,
-                        save_param_scheduler: bool = True) -> Path:
-        """Write a checkpoint directory (collective: every rank calls it)."""
-        model_state, state, rank_state = collect_state(self, save_optimizer, save_param_scheduler)
-        self.call_hook('before_save_checkpoint', checkpoint=state)
-        path = CheckpointWriter(self.accelerator).write(Path(path), model_state, state, rank_state)
+                        save_param_scheduler: bool = True, async_save: bool = False,
+                        then=None) -> Path:
+        """Write a checkpoint directory (collective: every rank calls it), then call ``then``
+        (retention). ``async_save``: return once the state is copied to host memory and write
+        it in the background (see ``checkpoint/async_save.py``); a save in flight is waited
+        for first, so at most one is."""
+        self.wait_checkpoint()
+        parts = collect_state(self, save_optimizer, save_param_scheduler)
+        self.call_hook('before_save_checkpoint', checkpoint=parts[1])
+        path = Path(path)
+        if async_save:
+            from .checkpoint.async_save import AsyncCheckpoint, snapshot
+            if self._checkpoint_groups is None:  # the writer's and the polls': gloo, collective
+                from .collective import background_groups
+                self._checkpoint_groups = background_groups()
+            self._pending_checkpoint = AsyncCheckpoint(self.accelerator, self._checkpoint_groups[0],
+                                                       path, snapshot(parts), then)
+            self.logger.info(f'saving checkpoint {path} in the background')
+            return path
+        CheckpointWriter(self.accelerator).write(path, *parts)
+        if then is not None:
+            then()
         self.logger.info(f'saved checkpoint {path}')
         return path
+
+    def poll_checkpoint(self) -> None:
+        """At an iteration boundary: finish a background save that every rank completed
+        (raising its error on every rank if it failed)."""
+        pending = self._pending_checkpoint
+        if pending is not None and pending.poll(self._checkpoint_groups[1]):
+            self.wait_checkpoint()
+
+    def wait_checkpoint(self) -> None:
+        """Wait for the background save in flight, if any; raise its error."""
+        pending, self._pending_checkpoint = self._pending_checkpoint, None
+        if pending is not None:
+            pending.wait()
+            self.logger.info(f'saved checkpoint {pending.path} (written in the background in '
+                             f'{pending.seconds:.2f} s)')
 
     def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
         """Load model weights (``load_from``): from a checkpoint directory (verified; a sharded

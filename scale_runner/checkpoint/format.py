@@ -264,8 +264,9 @@ def _fsync(path: Path) -> None:
 class CheckpointWriter:
     """Writes one checkpoint; every rank calls :meth:`write` (collective)."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, group=None):
         self.accelerator = accelerator
+        self.group = group  # the process group of the save's agreements (None: the default)
 
     def write(self, ckpt_dir: Path, model_state: dict | None, state: dict,
               rank_state: dict | None = None) -> Path:
@@ -297,7 +298,7 @@ class CheckpointWriter:
         def own_files():
             with ThreadPoolExecutor(max_workers=2) as io:
                 if shards:  # collective: the main process's temporary directory exists
-                    for name in save_shards(shards, tmp / SHARDED_DIR, rank):
+                    for name in save_shards(shards, tmp / SHARDED_DIR, rank, self.group):
                         entries[f'{SHARDED_DIR}/{name}'] = _entry(_read(tmp / SHARDED_DIR / name))
                 for stem, part in (rank_state or {}).items():
                     tensors: dict = {}
@@ -312,15 +313,15 @@ class CheckpointWriter:
         try:
             for step in (prepare if main else None, own_files):
                 reason, mine = self._attempt(step, rank)
-                failures = [f for f in gather(reason) if f]
+                failures = [f for f in gather(reason, self.group) if f]
                 if failures:
                     break
             if not failures:
-                ranks_entries = gather(entries)
+                ranks_entries = gather(entries, self.group)
                 reason, mine = self._attempt(
                     (lambda: self._write_main(ckpt_dir, tmp, model_state, state, ranks_entries))
                     if main else None, rank)
-                failures = [f for f in gather(reason) if f]
+                failures = [f for f in gather(reason, self.group) if f]
         except BaseException:  # an interrupt: leave nothing half written behind
             if main:
                 _discard(tmp)

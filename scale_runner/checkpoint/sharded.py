@@ -25,14 +25,15 @@ def is_dtensor(obj) -> bool:
     return module is not None and isinstance(obj, module.DTensor)
 
 
-def save_shards(tensors: dict, directory: Path, rank: int) -> list[str]:
+def save_shards(tensors: dict, directory: Path, rank: int, group=None) -> list[str]:
     """Write this rank's shards of ``tensors`` (the same names on every rank) into ``directory``;
-    return the names of this rank's files. Collective: every rank calls it."""
+    return the names of this rank's files. Collective over ``group`` (None: the default one)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     from .format import CheckpointError, _load_tensors, _read
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+             process_group=group)
     prefix = f'shard-{rank + 1:05d}-'  # DCP numbers the ranks' plans from 1
     mine = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
     for name in mine:  # the bytes, not the name: DCP would write a pickled object into the file

@@ -65,6 +65,11 @@ class CheckpointHook(Hook):
     directory without a manifest called like the checkpoint; a directory or link called
     ``latest``) is renamed to ``<name>.debris-<time>-<pid>`` with a warning, never deleted;
     retention deletes only checkpoints this hook wrote and ``preempt_iter_<N>`` directories.
+
+    ``async_save=True``: the loop stops only while the state is copied to host memory; the
+    files are written in the background (one save in flight; retention after it completes).
+    A failed background write stops every rank at the next iteration with its
+    ``CheckpointError``; the end of training, an exception and a preemption wait for it.
     """
 
     priority = 'VERY_LOW'
@@ -74,7 +79,8 @@ class CheckpointHook(Hook):
                  out_dir: str | None = None, max_keep_ckpts: int = 3, save_last: bool = True, save_begin: int = 0,
                  filename_tmpl: str | None = None, save_best: str | list | None = None,
                  rule: str | list | None = None, max_keep_best: int = 1,
-                 preemption: bool | dict = True, time_interval: float | None = None):
+                 preemption: bool | dict = True, time_interval: float | None = None,
+                 async_save: bool = False):
         if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool)):
             raise ConfigError(f'default_hooks.checkpoint.interval must be an int (<= 0: only at the '
                               f'end) or None (the default policy), got {interval!r}')
@@ -95,6 +101,10 @@ class CheckpointHook(Hook):
                                           or not time_interval > 0):
             raise ConfigError(f'default_hooks.checkpoint.time_interval must be a positive number of '
                               f'seconds (e.g. 1800) or None, got {time_interval!r}')
+        if not isinstance(async_save, bool):
+            raise ConfigError(f'default_hooks.checkpoint.async_save must be True or False, got '
+                              f'{async_save!r}')
+        self.async_save = async_save
         self.interval = interval
         self.time_interval = time_interval
         self.by_epoch = by_epoch
@@ -198,6 +208,8 @@ class CheckpointHook(Hook):
             self._save(runner, runner.epoch)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self.async_save:
+            runner.poll_checkpoint()  # a failed background write stops every rank here
         state = runner.state
         late = int(self.time_interval is not None and time.monotonic() >= self._next_time)
         preemption, signum = self.preemption, 0
@@ -218,27 +230,31 @@ class CheckpointHook(Hook):
         periodic = self.interval > 0 and progress % self.interval == 0
         return periodic or (self.save_last and progress == last)
 
-    def _write(self, runner, name: str) -> None:
+    def _write(self, runner, name: str, then=None) -> None:
         runner.save_checkpoint(self.root / name, save_optimizer=self.save_optimizer,
-                               save_param_scheduler=self.save_param_scheduler)
+                               save_param_scheduler=self.save_param_scheduler,
+                               async_save=self.async_save, then=then)
         self.last_saved_iter = runner.iter
         if self.time_interval:
             self._next_time = time.monotonic() + self.time_interval
 
     def _save(self, runner, progress: int, template: str | None = None) -> None:
         name = (template or self.filename_tmpl).format(progress)
+        runner.wait_checkpoint()  # the lists below change only with no save in flight
         # Listed before saving, so the checkpoint's own copy of the list includes itself.
         if name in self._saved:
             self._saved.remove(name)
         self._saved.append(name)
-        self._write(runner, name)
-        if runner.accelerator.is_main_process:
-            if self.max_keep_ckpts > 0:
-                while len(self._saved) > self.max_keep_ckpts:
-                    self._remove(self._saved.pop(0))
-            # A preemption checkpoint is older than this one: it has served its purpose.
-            for old in preempt_checkpoints(self.root):
-                self._remove(old.name)
+        self._write(runner, name, then=self._retain if runner.accelerator.is_main_process else None)
+
+    def _retain(self) -> None:
+        """Delete what retention drops, once the newer checkpoint is complete (main process)."""
+        if self.max_keep_ckpts > 0:
+            while len(self._saved) > self.max_keep_ckpts:
+                self._remove(self._saved.pop(0))
+        # A preemption checkpoint is older than this one: it has served its purpose.
+        for old in preempt_checkpoints(self.root):
+            self._remove(old.name)
 
     def _remove(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
@@ -262,6 +278,7 @@ class CheckpointHook(Hook):
                 continue
             improved.append((key, score))
         for key, score in improved:
+            runner.wait_checkpoint()  # the lists below change only with no save in flight
             progress = runner.epoch if self.by_epoch else runner.iter
             unit = 'epoch' if self.by_epoch else 'iter'
             name = f'best_{re.sub(r"[^A-Za-z0-9_.-]+", "_", key)}_{unit}_{progress}'
@@ -271,11 +288,13 @@ class CheckpointHook(Hook):
                 entry['ckpts'].remove(name)
             entry['ckpts'].append(name)
             self._publish(runner)
-            self._write(runner, name)
-            if runner.accelerator.is_main_process and self.max_keep_best > 0:
-                while len(entry['ckpts']) > self.max_keep_best:
-                    self._remove(entry['ckpts'].pop(0))
+            main = runner.accelerator.is_main_process
+            self._write(runner, name, then=(lambda e=entry: self._retain_best(e)) if main else None)
             runner.logger.info(f'best {key} = {score:.6g}: saved {self.root / name}')
+
+    def _retain_best(self, entry: dict) -> None:
+        while self.max_keep_best > 0 and len(entry['ckpts']) > self.max_keep_best:
+            self._remove(entry['ckpts'].pop(0))
 
     def _publish(self, runner) -> None:
         runner.best_scores = {k: v['score'] for k, v in self.best.items()}
