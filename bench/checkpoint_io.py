@@ -28,6 +28,13 @@ save followed by an fsync of the file (the fair comparison with the fsync'ed row
 
     python bench/checkpoint_io.py --reps 5
     python bench/checkpoint_io.py --reps 1 --width 512   # quick smoke run (~3M parameters)
+
+``--sharded``: the same model under FSDP2 (``fully_shard``) on 2 gloo ranks, today's sharded
+checkpoint (every rank writes its own shards) against the gathered one (whole tensors gathered
+to rank 0, which writes them): save and load time and peak extra memory per rank. It launches
+``bench/sharded_io_job.py`` with ``torch.distributed.run`` (see that file) and prints its tables:
+
+    python bench/checkpoint_io.py --sharded --reps 5
 """
 from __future__ import annotations
 
@@ -37,6 +44,8 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -75,7 +84,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--reps', type=int, default=5)
     p.add_argument('--width', type=int, default=2048, help='12 layers of width^2: 2048 -> ~50M params')
+    p.add_argument('--sharded', action='store_true',
+                   help='FSDP2 on 2 ranks: sharded vs gathered checkpoint (bench/sharded_io_job.py)')
     args = p.parse_args()
+    if args.sharded:
+        return sharded(args)
     import torch
     from accelerate import Accelerator
     from safetensors.torch import load_file, save_file
@@ -196,6 +209,22 @@ def main():
         print(line)
     for name in missing:
         print(f'{name + ":":<38} not installed, skipped')
+
+
+def sharded(args) -> None:
+    """Run ``sharded_io_job.py`` on 2 fresh ranks (its output is the table)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
+                        'MASTER_PORT', 'ACCELERATE_USE_CPU')}
+    env['OMP_NUM_THREADS'] = '1'
+    job = Path(__file__).with_name('sharded_io_job.py')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           str(job), '--width', str(args.width), '--reps', str(args.reps)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    print(proc.stdout, end='')
+    if proc.returncode:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(proc.returncode)
 
 
 if __name__ == '__main__':
