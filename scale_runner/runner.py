@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (CheckpointError, CheckpointWriter, candidates, collect_state,
+from .checkpoint import (CheckpointWriter, candidates, collect_state,
                          find_resumable, load_weights, read_checkpoint, resolve_resume,
                          restore_state, whole_weights)
 from .config import Config
