@@ -333,8 +333,7 @@ class Runner:
             # Hooks' states and counters; not the optimizer's or the schedulers': load_from
             # starts a new run, and nothing should hold on to them.
             self.loaded_checkpoint_state = {k: v for k, v in ckpt['state'].items()
-                                            if k not in ('optim_wrapper', 'model')
-                                            and not k.startswith('param_schedulers')}
+                                            if k in ('meta', 'train_state') or k.startswith('hooks.')}
         else:
             weights = read_model_weights(path)
         load_weights(unwrap(self.model), weights, str(path), strict)

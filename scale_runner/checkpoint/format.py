@@ -70,7 +70,7 @@ def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: str = '',
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
-            if not isinstance(k, (str, int)):
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
                 raise CheckpointError(f'checkpoint key {path}.{k!r} is a {type(k).__name__}; '
                                       f'only str and int keys can be stored')
             out[str(k) if isinstance(k, str) else f'__int__{k}'] = split_tensors(
@@ -372,19 +372,44 @@ class CheckpointWriter:
         if os.path.lexists(ckpt_dir) and not _is_checkpoint(ckpt_dir):
             _move_aside(ckpt_dir)  # a file, link or foreign directory under our name: kept
         if os.path.lexists(ckpt_dir):
-            # Same name saved again (e.g. 'last'): move the old one aside, never delete first.
-            old = ckpt_dir.parent / f'.old-{ckpt_dir.name}'
-            if os.path.lexists(old):
+            # Same name saved again (e.g. 'last'): swap the two in one step, so a crash leaves
+            # one complete checkpoint under the name; then the old one (now at tmp) goes.
+            if _exchange(tmp, ckpt_dir):
+                self.placed = True
+                _fsync(ckpt_dir.parent)
+                _remove(tmp)
+            else:  # no renameat2 (not Linux): move the old one aside, never delete first
+                old = ckpt_dir.parent / f'.old-{ckpt_dir.name}'
+                if os.path.lexists(old):
+                    _remove(old)
+                os.rename(ckpt_dir, old)
+                os.rename(tmp, ckpt_dir)
+                self.placed = True
                 _remove(old)
-            os.rename(ckpt_dir, old)
-            os.rename(tmp, ckpt_dir)
-            self.placed = True
-            _remove(old)
         else:
             os.rename(tmp, ckpt_dir)
             self.placed = True
         _fsync(ckpt_dir.parent)
         set_latest(ckpt_dir)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the system has no such call."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):  # the kernel or file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), b.name)
 
 
 def set_latest(ckpt_dir: Path) -> None:
@@ -745,10 +770,11 @@ def read_checkpoint(ckpt_dir: Path, rank: int = 0) -> dict:
     doc = _load_json(blobs['state.json'], ckpt_dir / 'state.json')
     tensors = _load_tensors(blobs['state.safetensors'], ckpt_dir / 'state.safetensors')
     try:
-        state = join_tensors(doc, tensors)
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f'{ckpt_dir / "state.json"} refers to a tensor missing from '
-                              f'state.safetensors: {e}') from None
+        state = _upgrade(join_tensors(doc, tensors))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f'{ckpt_dir / "state.json"} is not a valid state document (a '
+                              f'tensor missing from state.safetensors, or a malformed key): '
+                              f'{e!r}') from None
     model = None
     if 'model.safetensors' in blobs:
         model = _load_tensors(blobs['model.safetensors'], ckpt_dir / 'model.safetensors')
@@ -756,6 +782,16 @@ def read_checkpoint(ckpt_dir: Path, rank: int = 0) -> dict:
     world = manifest.get('world_size', (state.get('meta') or {}).get('world_size'))
     return {'model': model, 'state': state, 'rank': read_rank_state(ckpt_dir, blobs, rank),
             'world_size': world, 'files': blobs, 'path': str(ckpt_dir)}
+
+
+def _upgrade(state: dict) -> dict:
+    """A format-3 state's hooks (``hooks: {class name: state}``) under format 4's names
+    (``hooks.<class name>``), so load_from and export still find an EMA average."""
+    old = state.get('hooks')
+    if isinstance(old, dict) and state.get('format_version', 0) < 4:
+        for name, hook_state in old.items():
+            state.setdefault(f'hooks.{name}', hook_state)
+    return state
 
 
 def read_rank_state(ckpt_dir: Path, blobs: dict, rank: int) -> dict:
@@ -771,7 +807,7 @@ def read_rank_state(ckpt_dir: Path, blobs: dict, rank: int) -> dict:
                else {k: {'__tensor__': k} for k in tensors})
         try:
             out[m.group(1)] = join_tensors(doc, tensors)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f'{ckpt_dir / doc_name} refers to a tensor missing from '
                                   f'{name}: {e}') from None
     return out
