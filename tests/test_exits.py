@@ -24,12 +24,20 @@ def _modules() -> list[str]:
 
 
 def test_every_module_imports_alone_in_a_fresh_interpreter():
-    """One interpreter per module: an import cycle shows only when its module comes first."""
-    script = ('import subprocess, sys\n'
+    """Each module imported first, with no other module of the package loaded: an import cycle
+    shows only when its module comes first. One interpreter, in which every scale_runner
+    module is dropped from ``sys.modules`` before the next import (torch and the other
+    libraries stay loaded: a fresh interpreter per module took 85 s)."""
+    script = ('import importlib, sys, traceback\n'
+              'import torch, accelerate, safetensors\n'
               'bad = []\n'
               'for m in sys.argv[1:]:\n'
-              '    p = subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True, text=True)\n'
-              '    if p.returncode: bad.append(f"{m}: {p.stderr.strip().splitlines()[-1]}")\n'
+              '    for name in [n for n in sys.modules if n.split(".")[0] == "scale_runner"]:\n'
+              '        del sys.modules[name]\n'
+              '    try:\n'
+              '        importlib.import_module(m)\n'
+              '    except Exception as e:\n'
+              '        bad.append(f"{m}: {type(e).__name__}: {e}")\n'
               'print("\\n".join(bad))\n')
     modules = _modules()
     assert 'scale_runner.hooks.preemption_hook' in modules and 'scale_runner.metric_rules' in modules
