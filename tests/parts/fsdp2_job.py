@@ -7,33 +7,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.distributed.fsdp import fully_shard
 
 from scale_runner.checkpoint import CheckpointWriter, join_tensors, load_weights, read_checkpoint
 from scale_runner.checkpoint.format import sharded_keys, sharded_tensors
 from scale_runner.checkpoint.sharded import load_shards
-from scale_runner.optim import OptimWrapper
 from scale_runner.sharding import is_sharded
 from scale_runner.shutdown import register_drain
+from fsdp2_parts import build, train
 
 acc = Accelerator(cpu=True)  # the gloo process group of the two ranks
 register_drain()  # what Runner does: no abort at interpreter exit (scale_runner.shutdown)
-
-
-def build():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    for layer in (model[0], model[2], model):
-        fully_shard(layer)
-    wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    wrapper.bind(None, model)
-    return model, wrapper
-
-
-def train(model, wrapper, first, n):
-    for i in range(first, first + n):
-        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i * 2 + acc.process_index))
-        wrapper.update_params(model(x).square().mean())
 
 
 def full(model):
@@ -42,10 +25,10 @@ def full(model):
 
 model, wrapper = build()
 assert is_sharded(model) and wrapper._sharded is model
-train(model, wrapper, 0, 3)
+train(model, wrapper, 0, 3, acc.process_index)
 path = CheckpointWriter(acc).write(Path(sys.argv[1]) / 'ckpt', None,
                                    {'model': model.state_dict(), 'optim_wrapper': wrapper.state_dict()})
-train(model, wrapper, 3, 2)
+train(model, wrapper, 3, 2, acc.process_index)
 expected = full(model)
 
 model, wrapper = build()
@@ -59,7 +42,7 @@ loaded = load_shards(path / 'sharded', {k: sharded_tensors(live).get(k) for k in
 state = join_tensors(state, loaded)
 load_weights(model, state['model'], str(path))
 wrapper.load_state_dict(state['optim_wrapper'])
-train(model, wrapper, 3, 2)
+train(model, wrapper, 3, 2, acc.process_index)
 got = full(model)
 assert all(torch.equal(expected[k], got[k]) for k in expected), 'resumed weights differ'
 print(f'RESUMED_EXACTLY_{acc.process_index}', flush=True)

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
-from torch.distributed.fsdp import fully_shard
 
 import scale_runner.checkpoint.format as fmt
 from scale_runner.checkpoint import CheckpointWriter
 from scale_runner.checkpoint.state import rng_state
-from scale_runner.optim import OptimWrapper
 from scale_runner.shutdown import register_drain
+from fsdp2_parts import build
+from fsdp2_parts import train as fsdp2_train
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 acc = Accelerator(cpu=True)  # the gloo process group of the two ranks
@@ -42,18 +42,11 @@ register_drain()
 rank = acc.process_index
 root = out / 'ckpts'
 
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-for layer in (model[0], model[2], model):
-    fully_shard(layer)
-wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2))
-wrapper.bind(None, model)
+model, wrapper = build()
 
 
 def train(first, n):
-    for i in range(first, first + n):
-        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i * 2 + rank))
-        wrapper.update_params(model(x).square().mean())
+    fsdp2_train(model, wrapper, first, n, rank)
 
 
 def save(name, step):
