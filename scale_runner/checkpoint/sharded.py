@@ -25,15 +25,62 @@ def is_dtensor(obj) -> bool:
     return module is not None and isinstance(obj, module.DTensor)
 
 
+def _writer(directory: Path):
+    """DCP's Hugging Face storage writer, writing each rank's file straight to disk.
+
+    Its own ``write_data`` builds the whole file in memory first (``safetensors.torch.save``,
+    then a copy into ``bytes``): twice the rank's shards at the peak (bench/README.md). This
+    one gives each rank's planned items to ``save_file`` with the same header (the shards'
+    offsets under ``DCP_SHARDING_INFO``), so the reader and the planner see the same files."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    try:
+        from torch.distributed.checkpoint import _hf_utils as hf
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.storage import WriteResult
+    except ImportError:  # another torch: its own writer (correct, with the in-memory copy)
+        return HuggingFaceStorageWriter(str(directory), save_distributed=True)
+
+    class StreamingWriter(HuggingFaceStorageWriter):
+        def write_data(self, plan, planner):
+            import json
+
+            from safetensors.torch import save_file
+            from torch.futures import Future
+            results, tensors, offsets = [], {}, {}
+            name = hf._gen_file_name(1, 1, plan.storage_data.get('shard_index'))
+            for item in plan.items:
+                tensor = planner.resolve_data(item).detach().cpu().contiguous()
+                tensors[item.index.fqn] = tensor
+                offsets[item.index.fqn] = {hf.SAVED_OFFSETS_KEY: list(item.tensor_data.chunk.offsets)}
+                length = tensor.numel() * tensor.element_size()
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, 0, length)))
+            if tensors:
+                path = Path(self.path) / name
+                save_file(tensors, path, metadata={hf.CUSTOM_METADATA_KEY: json.dumps(offsets),
+                                                    hf.DCP_VERSION_KEY: str(hf.HF_DCP_VERSION),
+                                                    hf.FORMAT_KEY: hf.FORMAT_VALUE})
+                from .format import _umask
+                os.chmod(path, 0o666 & ~_umask())  # save_file creates 0600: the others' mode
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            done: Future = Future()
+            done.set_result(results)
+            return done
+    return StreamingWriter(str(directory), save_distributed=True)
+
+
 def save_shards(tensors: dict, directory: Path, rank: int, group=None) -> list[str]:
     """Write this rank's shards of ``tensors`` (the same names on every rank) into ``directory``;
     return the names of this rank's files. Collective over ``group`` (None: the default one)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     from .format import CheckpointError, _load_tensors, _read
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
-             process_group=group)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save(tensors, storage_writer=_writer(directory), process_group=group)
     prefix = f'shard-{rank + 1:05d}-'  # DCP numbers the ranks' plans from 1
     mine = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
     for name in mine:  # the bytes, not the name: DCP would write a pickled object into the file
