@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import pythonpath
+from conftest import PARTS_DIR, pythonpath
 from scale_runner import Runner
 from scale_runner.checkpoint import CheckpointError, find_resumable, read_checkpoint
 from sr_models import PlainRegressor
@@ -79,31 +79,11 @@ def test_a_failed_background_write_stops_the_run_at_the_next_iteration(tmp_path,
     assert not (runner.checkpoint_dir / '.tmp-iter_4').exists()
 
 
-SLOW_WRITE = '''
-import sys, time
-import torch
-import scale_runner.checkpoint.format as fmt
-from scale_runner import Runner
-from elastic_parts import IndexedRegressor, IndexedToy
-
-real = fmt._write_tensors
-def slow(path, tensors, io):
-    if path.parent.name == '.tmp-iter_3':
-        print('WRITING', flush=True)
-        time.sleep(60)  # killed here, inside the background write of iteration 3
-    return real(path, tensors, io)
-fmt._write_tensors = slow
-torch.manual_seed(0)
-Runner(model=IndexedRegressor(), work_dir=sys.argv[1], log_level='WARNING',
-       train_dataloader=dict(dataset=IndexedToy(64), batch_size=8),
-       train_cfg=dict(by_epoch=False, max_iters=50), optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-       default_hooks=dict(checkpoint=dict(interval=1, async_save=True))).train()
-'''
+SLOW_WRITE = PARTS_DIR / 'async_slow_write.py'
 
 
 def test_sigkill_during_a_background_write_leaves_the_previous_checkpoint(tmp_path):
-    script = tmp_path / 'slow.py'
-    script.write_text(SLOW_WRITE)
+    script = SLOW_WRITE
     work = tmp_path / 'work'
     proc = subprocess.Popen([sys.executable, str(script), str(work)], stdout=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONPATH=pythonpath()))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PARTS_DIR
 from scale_runner import Runner
 from scale_runner.checkpoint import CheckpointError, find_resumable, read_checkpoint
 
@@ -168,35 +169,13 @@ def test_a_state_that_cannot_be_stored_leaves_no_temporary_directory(tmp_path):
     assert list(root.iterdir()) == []
 
 
-RANK_FAILS = '''
-import os, resource, signal, sys
-import torch
-from accelerate import Accelerator
-from scale_runner.checkpoint import CheckpointError, CheckpointWriter
-acc = Accelerator(cpu=True)
-root = sys.argv[1]
-writer = CheckpointWriter(acc)
-grads = {'g': torch.zeros(65536)}  # each rank's own 256 KiB file
-writer.write(os.path.join(root, 'iter_1'), {'w': torch.ones(4)}, {'i': 1}, {'grad': grads})
-if acc.process_index == 1:  # only rank 1's disk is full
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
-try:
-    writer.write(os.path.join(root, 'iter_2'), {'w': torch.ones(4)}, {'i': 2}, {'grad': grads})
-    result = 'saved'
-except CheckpointError as e:
-    result = str(e)
-resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-with open(os.path.join(root, '..', f'rank{acc.process_index}.txt'), 'w') as f:
-    f.write(result)
-'''
+RANK_FAILS = PARTS_DIR / 'rank_fails_job.py'
 
 
 def test_one_ranks_full_disk_stops_every_rank_without_a_hang(tmp_path):
     """2 processes (gloo): rank 1 cannot write its partial gradients; both ranks raise the same
     CheckpointError (rank 0 does not wait for rank 1 at a barrier), nothing of iter_2 is left."""
-    script = tmp_path / 'rank_fails.py'
-    script.write_text(RANK_FAILS)
+    script = RANK_FAILS
     root = tmp_path / 'checkpoints'
     env = {k: v for k, v in os.environ.items()
            if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}

@@ -196,7 +196,9 @@ def check(accelerator, steps: int = STEPS) -> dict:
 
 def main(out: str) -> None:
     from accelerate import Accelerator
+    from scale_runner.shutdown import register_drain
     accelerator = Accelerator(cpu=True)
+    register_drain()  # what Runner does: no abort at interpreter exit (scale_runner.shutdown)
     summary = check(accelerator)
     Path(out, f'ok_rank{accelerator.process_index}.json').write_text(json.dumps(summary))
     accelerator.wait_for_everyone()
