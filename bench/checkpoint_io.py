@@ -35,6 +35,8 @@ to rank 0, which writes them): save and load time and peak extra memory per rank
 ``bench/sharded_io_job.py`` with ``torch.distributed.run`` (see that file) and prints its tables:
 
     python bench/checkpoint_io.py --sharded --reps 5
+
+Background saves (``async_save=True``) in a real training run: ``bench/async_checkpoint.py``.
 """
 from __future__ import annotations
 

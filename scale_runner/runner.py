@@ -77,6 +77,7 @@ class Runner:
         self.loaded_checkpoint_state: dict | None = None  # the state part of load_from's checkpoint
         self._pending_checkpoint = None  # a background save in flight (async_save)
         self._checkpoint_groups = None   # its process groups: (writer's, polls')
+        self._snapshot_buffers = None    # the last background save's host copy, reused
         self._hooks: list = []
         self._hook_names: dict[int, str] = {}  # id(hook) -> its name in checkpoints
         self._hook_cache: dict[str, list] = {}
@@ -294,8 +295,9 @@ class Runner:
             if self._checkpoint_groups is None:  # the writer's and the polls': gloo, collective
                 from .collective import background_groups
                 self._checkpoint_groups = background_groups()
+            copy = snapshot(parts, self._snapshot_buffers)  # into the last save's host memory
             self._pending_checkpoint = AsyncCheckpoint(self.accelerator, self._checkpoint_groups[0],
-                                                       path, snapshot(parts), then)
+                                                       path, copy, then)
             self.logger.info(f'saving checkpoint {path} in the background')
             return path
         CheckpointWriter(self.accelerator).write(path, *parts)
@@ -316,6 +318,7 @@ class Runner:
         pending, self._pending_checkpoint = self._pending_checkpoint, None
         if pending is not None:
             pending.wait()
+            self._snapshot_buffers = pending.parts  # written: the next snapshot copies into it
             self.logger.info(f'saved checkpoint {pending.path} (written in the background in '
                              f'{pending.seconds:.2f} s)')
 

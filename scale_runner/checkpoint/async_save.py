@@ -22,25 +22,44 @@ from .format import CheckpointWriter
 from .sharded import is_dtensor
 
 
-def snapshot(obj):
+def snapshot(obj, reuse=None):
     """``obj`` with every tensor copied to host memory (a ``DTensor``: its shard, copied on its
-    device), so training may change the originals while the copy is written."""
+    device), so training may change the originals while the copy is written.
+
+    ``reuse``: the previous snapshot (written already): its tensors of the same place, shape
+    and dtype are copied into instead of allocated. Fresh memory costs a page fault per 4 KiB
+    (~98k faults per save of a 50M-parameter model with AdamW: 4x the copy itself)."""
     if is_dtensor(obj):
         from torch.distributed.tensor import DTensor
-        local = obj.to_local().detach().clone()
+        local = _into(reuse.to_local() if is_dtensor(reuse) else None, obj.to_local().detach())
         return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
                                   shape=obj.shape, stride=obj.stride())
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if t.device.type == 'cpu':
-            return t.clone()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
-        return host.copy_(t, non_blocking=True)
+            return _into(reuse, t)
+        if not _fits(reuse, t):
+            reuse = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+        return reuse.copy_(t, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
+        old = reuse if isinstance(reuse, dict) else {}
+        return {k: snapshot(v, old.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
+        old = list(reuse) if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+        return type(obj)(snapshot(v, r) for v, r in zip(obj, old))
     return obj
+
+
+def _fits(buffer, t: torch.Tensor) -> bool:
+    return (isinstance(buffer, torch.Tensor) and not is_dtensor(buffer) and buffer.shape == t.shape
+            and buffer.dtype == t.dtype and buffer.is_contiguous())
+
+
+def _into(buffer, t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (on its device) in ``buffer`` when it fits, else in new memory."""
+    if _fits(buffer, t) and buffer.device == t.device:
+        return buffer.copy_(t)
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class AsyncCheckpoint:
@@ -48,6 +67,7 @@ class AsyncCheckpoint:
 
     def __init__(self, accelerator, group, path: Path, parts: tuple, then: Callable | None):
         self.path = path
+        self.parts = parts  # the host copy being written (the next snapshot's buffers after)
         self.error: BaseException | None = None
         self.started = time.monotonic()
         self.seconds: float | None = None
