@@ -23,15 +23,9 @@ def is_sharded(module: torch.nn.Module) -> bool:
 def _options(state: dict, **kwargs):
     """Full-state options unless the state's tensors are shards already."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=not _has_dtensor(state), **kwargs)
 
-
-def _has_dtensor(obj) -> bool:
-    if isinstance(obj, dict):
-        return any(_has_dtensor(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_has_dtensor(v) for v in obj)
-    return is_dtensor(obj)
+    from .checkpoint.format import sharded_tensors
+    return StateDictOptions(full_state_dict=not sharded_tensors(state), **kwargs)
 
 
 def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -54,12 +48,19 @@ def load_model_state(module: torch.nn.Module, weights: dict) -> None:
     set_model_state_dict(module, weights, options=_options(weights, strict=False))
 
 
+def shard_like(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor ``src`` as a ``DTensor`` placed like ``like``: each rank keeps its own
+    shard of it (every rank holds ``src``: no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(src.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` where either may be a ``DTensor``: a whole ``src`` gives a sharded
     ``dst`` its own shard, a sharded ``src`` is put together for a whole ``dst``."""
     if is_dtensor(dst) and not is_dtensor(src):
-        from torch.distributed.tensor import distribute_tensor
-        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
+        src = shard_like(src, dst)
     elif is_dtensor(src) and not is_dtensor(dst):
         src = src.full_tensor()
     dst.copy_(src)

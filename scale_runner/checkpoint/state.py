@@ -311,9 +311,8 @@ def _restore_gradients(runner, grads: dict | None, path: str) -> None:
             raise CheckpointError(f'{path}: partial gradient of {name} has shape {tuple(g.shape)}, '
                                   f'the parameter {tuple(p.shape)}')
         if is_dtensor(p) and not is_dtensor(g):  # a whole gradient for a sharded parameter
-            from torch.distributed.tensor import distribute_tensor
-            g = distribute_tensor(g.to(p.device, p.dtype), p.device_mesh, p.placements,
-                                  src_data_rank=None)
+            from ..sharding import shard_like
+            g = shard_like(g, p)
         p.grad = g.clone() if is_dtensor(g) else g.to(device=p.device, dtype=p.dtype).clone()
 
 
