@@ -38,6 +38,7 @@ checkpoints (the message hub's ``HistoryBuffer``), so its worker sets
 
     python bench/resume_cost.py --reps 5
     python bench/resume_cost.py --reps 1 --positions 100,2000   # quick smoke run
+    python bench/resume_cost.py --stream --reps 3   # a streamed dataset (bench/stream_resume_cost.py)
 """
 from __future__ import annotations
 
@@ -284,8 +285,13 @@ def main():
     p.add_argument('--reps', type=int, default=5)
     p.add_argument('--positions', default='100,20000')
     p.add_argument('--worker', choices=PEERS, help=argparse.SUPPRESS)
+    p.add_argument('--stream', action='store_true',
+                   help='a streamed dataset instead (bench/stream_resume_cost.py, issue 20)')
     args = p.parse_args()
     positions = list(map(int, args.positions.split(',')))
+    if args.stream:
+        from stream_resume_cost import main as stream_main  # bench/ is this script's directory
+        return stream_main(args.reps, positions)
     if args.worker:
         return worker(args.worker, positions)
     torch.set_num_threads(1)

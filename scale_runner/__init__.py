@@ -25,6 +25,13 @@ _EXPORTS = {
     'BaseMetric': 'evaluation', 'Evaluator': 'evaluation',
     'DefaultSampler': 'data', 'InfiniteSampler': 'data',
     'CheckpointError': 'checkpoint',
+    # MMEngine names (see README, "Coming from MMEngine")
+    'MessageHub': 'message_hub', 'HistoryBuffer': 'message_hub', 'RuntimeInfoHook': 'hooks',
+    'OptimWrapperDict': 'optim_wrapper_dict', 'OPTIM_WRAPPER_CONSTRUCTORS': 'registry',
+    'DefaultOptimWrapperConstructor': 'optim_constructor',
+    'MultiOptimWrapperConstructor': 'optim_constructor',
+    'BaseDataPreprocessor': 'data_preprocessor', 'ImgDataPreprocessor': 'data_preprocessor',
+    'DictAction': 'config', 'LogProcessor': 'log_processor', 'ParamScheduler': 'schedulers',
 }
 
 __all__ = sorted(_EXPORTS) + ['__version__']

@@ -1,6 +1,7 @@
 """Config files (.py / .yaml / .json) with ``_base_`` inheritance, overrides and dumping."""
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import importlib
@@ -628,6 +629,33 @@ def parse_cli_options(items: list[str]) -> dict[str, Any]:
                         "e.g. --cfg-options 'model.dims=[4, 8]')")
             raise ConfigError(f'--cfg-options {item!r}: {e}{hint}') from None
     return out
+
+
+class DictAction(argparse.Action):
+    """MMEngine's argparse action for ``--cfg-options KEY=VALUE ...``: a dict of dotted keys
+    and parsed values (repeated options merge) for :meth:`Config.merge_from_dict`::
+
+        parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+
+    Values parse as ``scale-runner --cfg-options`` does (literals, true/false/none, bare
+    strings); as in MMEngine, top-level commas outside brackets make a list (``a=1,2`` is
+    ``[1, 2]``). A bad option is a usage error naming it.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        options = dict(getattr(namespace, self.dest, None) or {})
+        items = values if isinstance(values, (list, tuple)) else [values]
+        try:
+            for item in items:
+                key, eq, text = str(item).partition('=')
+                parts = _split_top(text.strip()) if eq else []
+                if len(parts) > 1 and text.strip()[:1] not in _CLOSING and all(p.strip() for p in parts):
+                    options.update(parse_cli_options([f'{key}=[{text}]']))
+                else:
+                    options.update(parse_cli_options([item]))
+        except ConfigError as e:
+            parser.error(f'{option_string or self.dest}: {e}')
+        setattr(namespace, self.dest, options)
 
 
 _WORDS = {'true': True, 'false': False, 'none': None, 'null': None}

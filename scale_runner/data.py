@@ -5,6 +5,7 @@ import functools
 import inspect
 import itertools
 import random
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -23,6 +24,16 @@ FUNCTIONS.register_module(name='default_collate', module=torch.utils.data.defaul
 def pseudo_collate(batch: list) -> list:
     """Keep the batch as a list of samples (for models that collate themselves)."""
     return list(batch)
+
+
+@FUNCTIONS.register_module()
+def pack_tokens(block_size: int, eos_id: int | None = None, column: str = 'input_ids',
+                labels: str | None = 'labels'):
+    """A streaming packing stage (:class:`~scale_runner.streaming.PackTokens`): tokenized
+    documents concatenated (``eos_id`` after each) and cut into ``block_size`` blocks, the
+    remainder carried to the next. ``HFDataset(..., streaming=True, pack=dict(block_size=...))``."""
+    from .streaming import PackTokens
+    return PackTokens(block_size, eos_id=eos_id, column=column, labels=labels)
 
 
 @DATA_SAMPLERS.register_module()
@@ -163,12 +174,22 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
         hint = f'; {where}.{near} is not a key: did you mean {where}.dataset?' if near else ''
         raise ConfigError(f'{where}.dataset is missing: a dataloader config needs '
                           f"dataset=dict(type=...) (got keys {sorted(cfg)}){hint}")
+    streamed = _streamed(cfg['dataset'])
+    snapshot = cfg.pop('snapshot_every_n_steps', None) if streamed else None
+    if streamed:
+        _check_stream_loader(cfg, where)
     _check_loader_keys(cfg, where)  # misspelt keys and bad values, before the dataset is built
-    sampler_cfg = cfg.get('sampler', dict(type='DefaultSampler', shuffle=False))
+    sampler_cfg = None if streamed else cfg.get('sampler', dict(type='DefaultSampler', shuffle=False))
     check_dataloader_args(cfg, where, has_sampler=sampler_cfg is not None)
     if isinstance(sampler_cfg, dict):
         check_sampler_args(sampler_cfg, f'{where}.sampler')
     dataset = DATASETS.build(cfg.pop('dataset'), _cfg_path=f'{where}.dataset')
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if not streamed:  # a dataset built from a config that did not say streaming=True
+            _check_stream_loader(cfg, where)
+            sampler_cfg = None
+        if _streamed(dataset):
+            return _stream_loader(dataset, cfg, seed, rank, where, snapshot)
     cfg.pop('sampler', None)
     if isinstance(sampler_cfg, dict):
         sampler_cfg = dict(sampler_cfg)
@@ -192,6 +213,45 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
                          # built here (from the user's sampler/collate_fn configs) or by the runner
                          internal_keys=('dataset', 'sampler', 'collate_fn', 'generator',
                                         'worker_init_fn'))
+
+
+def _streamed(dataset: Any) -> bool:
+    """A ``streaming=True`` dataset config, or a built stream (``scale_runner.streaming``)."""
+    if isinstance(dataset, dict):
+        return bool(dataset.get('streaming'))
+    stream = sys.modules.get('scale_runner.streaming')  # imported once a stream was built
+    return stream is not None and isinstance(dataset, stream.StreamDataset)
+
+
+def _check_stream_loader(cfg: dict, where: str) -> None:
+    """What an iterable dataset's loader cannot take: a sampler (no indices), shuffle=True."""
+    if cfg.get('sampler') is not None:
+        raise ConfigError(f'{where}.sampler: the dataset is iterable (streaming=True): it has no '
+                          f'indices to sample, and each rank and worker reads its own shards. '
+                          f'Remove {where}.sampler; shuffle with '
+                          f'{where}.dataset.shuffle=dict(buffer_size=10000)')
+    cfg.pop('sampler', None)
+    if cfg.get('shuffle'):
+        raise ConfigError(f'{where}.shuffle = {cfg["shuffle"]!r}: an iterable (streaming=True) '
+                          f'dataset is shuffled by a buffer: remove it and set '
+                          f'{where}.dataset.shuffle=dict(buffer_size=10000)')
+
+
+def _stream_loader(dataset, cfg: dict, seed: int, rank: int, where: str, snapshot) -> Any:
+    from .streaming import build_stream_loader
+    collate = cfg.pop('collate_fn', dict(type='default_collate'))
+    if collate is not None:
+        cfg['collate_fn'] = resolve_function(collate, f'{where}.collate_fn')
+    if not cfg.get('num_workers'):
+        cfg.pop('persistent_workers', None)
+    if snapshot is not None:
+        cfg['snapshot_every_n_steps'] = snapshot
+    try:
+        return build_stream_loader(dataset, cfg, seed=seed, rank=rank, where=where,
+                                   generator=LoaderGenerator(seed),
+                                   worker_init_fn=functools.partial(worker_init_fn, rank=rank))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'{where}: {e}') from e
 
 
 def _check_loader_keys(cfg: dict, where: str) -> None:

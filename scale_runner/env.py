@@ -21,7 +21,8 @@ PASS_THROUGH = ('mixed_precision', 'cpu', 'device_placement', 'rng_types', 'proj
                 'step_scheduler_with_optimizer', 'dynamo_backend', 'kwargs_handlers')
 DDP_KEYS = ('find_unused_parameters', 'broadcast_buffers', 'bucket_cap_mb', 'static_graph',
             'gradient_as_bucket_view', 'comm_hook')
-OTHER_KEYS = ('dataloader_config', 'deepspeed', 'fsdp', 'dynamo', 'compile', 'timeout')
+OTHER_KEYS = ('dataloader_config', 'deepspeed', 'deepspeed_cpu_shm', 'fsdp', 'dynamo', 'compile',
+              'timeout')
 ACCELERATOR_KEYS = PASS_THROUGH + DDP_KEYS + OTHER_KEYS
 RANDOMNESS_KEYS = ('seed', 'deterministic', 'diff_rank_seed')
 MIXED_PRECISION = ('no', 'fp16', 'bf16', 'fp8')
@@ -121,7 +122,8 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
         return cfg
     kwargs = accelerator_kwargs(cfg, accumulative_counts)
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world > 1 and 'cpu' not in kwargs and not _has_accelerator():
+    deepspeed = kwargs.get('deepspeed_plugin') is not None or _flag('ACCELERATE_USE_DEEPSPEED')
+    if world > 1 and 'cpu' not in kwargs and not _has_accelerator() and not deepspeed:
         kwargs['cpu'] = True  # several processes, no GPU: gloo on the CPU, not N lone ranks
     fsdp = kwargs.get('fsdp_plugin')
     if fsdp is not None and _on_cpu(kwargs):
@@ -130,7 +132,12 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
         from .fsdp import check_cpu_plugin
         check_cpu_plugin(fsdp, (cfg or {}).get('fsdp'), kwargs)
         del kwargs['fsdp_plugin']
-    accelerator = Accelerator(**kwargs)
+    if deepspeed and 'LOCAL_RANK' not in os.environ:
+        _single_process_env()  # no launcher: DeepSpeed still needs a (one-process) group
+    if deepspeed and _on_cpu(kwargs):
+        accelerator = _cpu_deepspeed(Accelerator, kwargs, bool((cfg or {}).get('deepspeed_cpu_shm')))
+    else:
+        accelerator = Accelerator(**kwargs)
     if world > 1 and accelerator.num_processes == 1:
         raise RuntimeError(
             f'WORLD_SIZE={world} but Accelerate sees a single process: every rank would train '
@@ -143,11 +150,60 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
     return accelerator
 
 
+def _single_process_env() -> None:
+    """What ``torchrun --nproc_per_node 1`` would set, for a run started without a launcher."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    for key, value in (('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '1'),
+                       ('LOCAL_WORLD_SIZE', '1'), ('MASTER_ADDR', '127.0.0.1'),
+                       ('MASTER_PORT', str(port))):
+        os.environ.setdefault(key, value)
+
+
+def _cpu_deepspeed(Accelerator, kwargs: dict, shm: bool):
+    """DeepSpeed on a machine without a GPU: Accelerate drops the plugin when told to use the
+    CPU (``cpu=True`` / ``ACCELERATE_USE_CPU``) and builds DDP, and without a backend every rank
+    starts alone as rank 0 of 1; so DeepSpeed starts its own process group over gloo.
+
+    DeepSpeed's shared-memory all-reduce op is compiled with g++ at the first start (45-80 s)
+    unless ``accelerator.deepspeed_cpu_shm=True``: gloo alone does the collectives."""
+    from accelerate.utils import InitProcessGroupKwargs
+    plugin = kwargs.get('deepspeed_plugin')
+    ds = getattr(plugin, 'deepspeed_config', None) or {}
+    precision = kwargs.get('mixed_precision') or os.environ.get('ACCELERATE_MIXED_PRECISION')
+    if precision == 'fp16' or (ds.get('fp16') or {}).get('enabled') is True:
+        raise ConfigError("accelerator.mixed_precision='fp16': DeepSpeed does not support fp16 on "
+                          "a CPU (its CPU accelerator refuses it); use 'bf16' or 'no', or a GPU")
+    if not shm:
+        import deepspeed.ops  # the table of ops DeepSpeed may build on this machine
+        deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'] = False
+    kwargs = dict(kwargs)
+    kwargs.pop('cpu', None)
+    handlers = list(kwargs.get('kwargs_handlers', []))
+    group = next((h for h in handlers if isinstance(h, InitProcessGroupKwargs)), None)
+    if group is None:
+        handlers.append(InitProcessGroupKwargs(backend='gloo'))
+    else:
+        group.backend = 'gloo'
+    kwargs['kwargs_handlers'] = handlers
+    saved = os.environ.pop('ACCELERATE_USE_CPU', None)
+    try:
+        return Accelerator(**kwargs)
+    finally:
+        if saved is not None:
+            os.environ['ACCELERATE_USE_CPU'] = saved
+
+
 def _on_cpu(kwargs: dict) -> bool:
     """Whether the Accelerator built from ``kwargs`` will run on the CPU."""
+    return bool(kwargs.get('cpu')) or _flag('ACCELERATE_USE_CPU') or not _has_accelerator()
+
+
+def _flag(name: str) -> bool:
     from accelerate.utils import parse_flag_from_env
-    return (bool(kwargs.get('cpu')) or parse_flag_from_env('ACCELERATE_USE_CPU')
-            or not _has_accelerator())
+    return parse_flag_from_env(name)
 
 
 def check_train_setup(accelerator, dataloader, optim_wrapper) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +43,11 @@ def _main_process_first():
 class HFDataset(torch.utils.data.Dataset):
     """Load with ``datasets.load_dataset`` (or ``load_from_disk``), map, select columns, torch format.
 
+    With ``streaming=True`` it builds a :class:`~scale_runner.streaming.StreamDataset` instead: an
+    iterable, exactly resumable stream (local ``json``/``text``/``csv``/``parquet`` files) split
+    across ranks and dataloader workers, ``map`` applied on the fly, optionally packed and
+    shuffled with a buffer (see ``streaming.py``).
+
     Args:
         path: a hub name, a builder (``'json'``, ``'csv'``, ``'text'``, ``'parquet'``) or a directory
             (one written by ``save_to_disk`` is loaded with ``load_from_disk``).
@@ -55,14 +61,30 @@ class HFDataset(torch.utils.data.Dataset):
         columns: the columns to keep (after map and renaming); all by default.
         format: ``'torch'`` (default: numeric columns become tensors) or ``None``.
         from_disk: force ``load_from_disk`` (default: detected from the directory's content).
+        streaming: stream the files instead of loading them (an iterable dataset, no ``len``).
+        shuffle: streaming only: ``dict(buffer_size=..., seed=None)`` (None: the run's seed).
+        pack: streaming only: a packing stage, ``dict(block_size=..., eos_id=...)``
+            (``type='pack_tokens'``): fixed-length blocks of token ids, remainders carried.
         **load_kwargs: more ``load_dataset`` arguments (``cache_dir``, ``revision``, ...).
     """
+
+    def __new__(cls, *args, streaming: bool = False, **kwargs):
+        if streaming:  # another class: __init__ is not called on it
+            return _stream(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, path: str, name: str | None = None, data_files: Any = None,
                  split: str | None = 'train', data_dir: str | None = None, map: Any = None,
                  map_kwargs: dict | None = None, rename_columns: dict | None = None,
                  columns: Sequence[str] | None = None, format: str | None = 'torch',
-                 from_disk: bool | None = None, **load_kwargs):
+                 from_disk: bool | None = None, streaming: bool = False, shuffle: Any = None,
+                 pack: Any = None, **load_kwargs):
+        for key, value in (('shuffle', shuffle), ('pack', pack)):
+            if value is not None:
+                hint = ("the sampler's: sampler=dict(type='DefaultSampler', shuffle=True)"
+                        if key == 'shuffle' else 'a batched map= (e.g. char_blocks)')
+                raise ConfigError(f'dataset.{key} = {value!r} is for streamed datasets '
+                                  f'(streaming=True); for this map-style dataset use {hint}')
         datasets = _import_datasets()
         self.path, self.split = path, split
         map_fn = resolve_function(map, 'dataset.map') if map is not None else None
@@ -132,6 +154,51 @@ class HFDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f'HFDataset({self.path!r}, split={self.split!r}, {len(self)} rows, columns={self.column_names})'
+
+
+# Config checks bind against __init__'s parameters, not __new__'s (*args, **kwargs).
+HFDataset.__signature__ = inspect.signature(HFDataset.__init__).replace(
+    parameters=list(inspect.signature(HFDataset.__init__).parameters.values())[1:])
+
+
+def _stream(path: str, name: str | None = None, data_files: Any = None, split: str | None = 'train',
+            data_dir: str | None = None, map: Any = None, map_kwargs: dict | None = None,
+            rename_columns: dict | None = None, columns: Sequence[str] | None = None,
+            format: str | None = 'torch', from_disk: bool | None = None, shuffle: Any = None,
+            pack: Any = None, **load_kwargs):
+    """``HFDataset(..., streaming=True)``: ``load_dataset(..., streaming=True)``, ``map`` on the
+    fly, as a :class:`~scale_runner.streaming.StreamDataset`."""
+    datasets = _import_datasets()
+    from .streaming import StreamDataset
+    if from_disk:
+        raise ConfigError(f'dataset: streaming=True reads data files; for the save_to_disk '
+                          f'directory {path!r} give its arrow/parquet files as data_files')
+    if split is None:
+        raise ConfigError("dataset.split: a streamed dataset needs one split (e.g. "
+                          "split='train'), got None")
+    map_fn = resolve_function(map, 'dataset.map') if map is not None else None
+    kwargs = dict(load_kwargs)
+    for key, value in (('name', name), ('data_files', data_files), ('data_dir', data_dir)):
+        if value is not None:
+            kwargs[key] = _plain(value)
+    try:
+        ds = datasets.load_dataset(path, split=split, streaming=True, **kwargs)
+    except ValueError as e:
+        if 'split' not in str(e).lower():
+            raise
+        raise ConfigError(f'dataset.split={split!r} is not available for {path!r}'
+                          f'{_files_note(data_files)}: {e}') from e
+    if map_fn is not None:
+        map_kwargs = dict(map_kwargs or {})
+        if 'num_proc' in map_kwargs:
+            raise ConfigError('dataset.map_kwargs.num_proc: a streamed map runs on the fly in each '
+                              'reader; parallelize with train_dataloader.num_workers instead')
+        ds = ds.map(map_fn, **map_kwargs)
+    if rename_columns:
+        ds = ds.rename_columns(dict(rename_columns))
+    if columns is not None:
+        ds = ds.select_columns([columns] if isinstance(columns, str) else list(columns))
+    return StreamDataset(ds, pack=pack, shuffle=shuffle, format=format, name=str(path))
 
 
 def _plain(value: Any) -> Any:

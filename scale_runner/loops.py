@@ -39,6 +39,12 @@ def preserved_rng():
             torch.cuda.set_rng_state(cuda_state)
 
 
+def _stream(loader) -> bool:
+    """A streamed loader (``scale_runner.streaming``, imported only once one is built)."""
+    stream = sys.modules.get('scale_runner.streaming')
+    return stream is not None and stream.is_stream(loader)
+
+
 def _numpy_random():
     np = sys.modules.get('numpy')  # only if something imported it: no numpy import here
     return np.random if np is not None else None
@@ -156,6 +162,13 @@ class _TrainLoop(BaseLoop):
         samples a resume with another global batch size set in ``state.resume_sample``)."""
         state = self._runner.state
         samples, state.resume_sample = state.resume_sample, None
+        if _stream(self.dataloader):  # it resumes from its own saved position (rank_state)
+            if (batches_done or samples) and not self.dataloader.restored:
+                raise ConfigError(f'resuming at iteration {state.iter}: the train data is streamed '
+                                  f'but the checkpoint holds no stream position for this rank '
+                                  f'(data_<rank> files); resume from a checkpoint written by a '
+                                  f'streamed run, or start a new run from its weights (load_from)')
+            return
         if not batches_done and not samples:
             return
         sampler = get_sampler(self.dataloader)
@@ -189,6 +202,12 @@ class EpochBasedTrainLoop(_TrainLoop):
         super().__init__(runner, dataloader, val_begin, val_interval, dynamic_intervals)
         if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
             raise bad_value('train_cfg.max_epochs', max_epochs, 'a positive int', 'max_epochs=10')
+        if _stream(self.dataloader):
+            raise ConfigError(
+                'train_cfg: an epoch-based loop needs the length of train_dataloader, and its '
+                'dataset is streamed (streaming=True: no len()). Train by iterations: '
+                'train_cfg=dict(by_epoch=False, max_iters=...); the stream starts a new, '
+                'reshuffled pass by itself when it reaches its end')
         state = runner.state
         state.max_epochs = max_epochs
         state.max_iters = max_epochs * len(self.dataloader)

@@ -83,25 +83,51 @@ class BaseModel(nn.Module):
 
     ``mode='loss'`` returns a loss tensor or a dict of losses, ``'predict'`` predictions for the
     evaluator, ``'tensor'`` raw outputs. Override ``train_step``/``val_step``/``test_step`` for
-    anything unusual (GANs, several optimizers).
+    anything unusual (GANs, several optimizers: an ``OptimWrapperDict``).
+
+    ``data_preprocessor`` (MMEngine's): a module or config (``dict(type='ImgDataPreprocessor',
+    mean=..., std=...)``; default ``BaseDataPreprocessor``, which moves the batch to the model's
+    device) that every step applies to the batch first, ``self.data_preprocessor(data,
+    training)``. ``parse_losses(losses) -> (loss, log_vars)`` sums the ``loss`` entries.
+    ``init_cfg`` is kept for MMEngine configs (weights are initialized by the modules).
     """
+
+    def __init__(self, data_preprocessor: Any = None, init_cfg: Any = None):
+        super().__init__()
+        from .data_preprocessor import build_data_preprocessor
+        self.data_preprocessor = build_data_preprocessor(data_preprocessor)
+        self.init_cfg = init_cfg
 
     def forward(self, inputs, data_samples=None, mode: str = 'tensor'):  # pragma: no cover
         raise NotImplementedError
 
+    def _preprocess(self, data, training: bool):
+        # _modules, not the attribute: a subclass that skipped BaseModel.__init__ has none, and
+        # nn.Module's failing __getattr__ would cost an exception every step
+        pre = self._modules.get('data_preprocessor')
+        return data if pre is None else pre(data, training)
+
+    def parse_losses(self, losses: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total loss, log_vars)``: the sum of every entry whose key contains ``loss``."""
+        return parse_losses(losses)
+
+    def _run_forward(self, data, mode: str):
+        return run_forward(self, data, mode=mode)
+
     def train_step(self, data, optim_wrapper) -> dict:
         # Forward through the prepared (e.g. DDP) model so gradients are synchronized.
         with optim_wrapper.optim_context(self):
+            data = self._preprocess(data, True)
             losses = run_forward(optim_wrapper.model or self, data, mode='loss')
-        loss, log_vars = parse_losses(losses)
+        loss, log_vars = self.parse_losses(losses)
         optim_wrapper.update_params(loss)
         return log_vars
 
     def val_step(self, data) -> Any:
-        return run_forward(self, data, mode='predict')
+        return run_forward(self, self._preprocess(data, False), mode='predict')
 
     def test_step(self, data) -> Any:
-        return run_forward(self, data, mode='predict')
+        return run_forward(self, self._preprocess(data, False), mode='predict')
 
 
 def cast_inputs_to_weights(model: nn.Module) -> None:

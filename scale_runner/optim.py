@@ -243,6 +243,8 @@ class OptimWrapper:
         if self._sharded is not None:
             from .sharding import optimizer_state
             state = optimizer_state(self._sharded, self._torch_optimizer())
+        elif self._engine_scales_loss:  # DeepSpeed: each rank's ZeRO partition is saved apart
+            state = {}                  # (checkpoint/zero.py)
         else:
             state = self.optimizer.state_dict()
         state = dict(state, update_count=self.update_count)
@@ -266,7 +268,7 @@ class OptimWrapper:
         if self._sharded is not None:
             from .sharding import load_optimizer_state
             load_optimizer_state(self._sharded, self._torch_optimizer(), state)
-        else:
+        elif not self._engine_scales_loss:  # DeepSpeed's partitions: checkpoint/zero.py
             self.optimizer.load_state_dict(state)
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
@@ -286,15 +288,33 @@ def updates_per_epoch(optim_wrapper, iters: int | None) -> int | None:
     return -(-iters // getattr(optim_wrapper, 'accumulative_counts', 1))
 
 
-CLIP_KEYS = ('max_norm', 'norm_type', 'clip_value')
+CLIP_KEYS = ('type', 'max_norm', 'norm_type', 'clip_value')
+CLIP_TYPES = {'norm': 'max_norm', 'value': 'clip_value'}  # MMEngine's type= and the key it needs
 
 
-def _check_clip_grad(clip_grad: Any) -> dict:
-    where = 'optim_wrapper.clip_grad'
-    usage = 'dict(max_norm=..., norm_type=2) or dict(clip_value=...)'
+def _check_clip_grad(clip_grad: Any, where: str = 'optim_wrapper.clip_grad') -> dict:
+    usage = ("dict(max_norm=..., norm_type=2) or dict(clip_value=...) (MMEngine's "
+             "dict(type='norm', max_norm=...) and dict(type='value', clip_value=...) too)")
     if not isinstance(clip_grad, dict):
         raise ConfigError(f'{where} = {clip_grad!r} is not valid: it takes {usage} (or None)')
     clip_grad = dict(clip_grad)
+    kind = clip_grad.pop('type', None)
+    if kind is not None:
+        if kind not in CLIP_TYPES:
+            near = did_you_mean(str(kind), CLIP_TYPES)
+            did = f' (did you mean {near!r}?)' if near else ''
+            raise ConfigError(f"{where}.type = {kind!r} is not valid{did}: it takes 'norm' "
+                              f"(with max_norm=...) or 'value' (with clip_value=...)")
+        need = CLIP_TYPES[kind]
+        other = CLIP_TYPES['value' if kind == 'norm' else 'norm']
+        if need not in clip_grad:
+            raise ConfigError(f"{where}: type={kind!r} needs {need}=..., e.g. "
+                              f"dict(type={kind!r}, {need}=1.0)")
+        if other in clip_grad:
+            raise ConfigError(f"{where}: type={kind!r} clips by {need}, but {other} is set too: "
+                              f'remove {where}.{other}')
+        if kind == 'value' and 'norm_type' in clip_grad:
+            raise ConfigError(f"{where}.norm_type is only for type='norm'")
     for key in clip_grad:
         if key not in CLIP_KEYS:
             near = did_you_mean(str(key), CLIP_KEYS)
@@ -315,8 +335,14 @@ def _check_clip_grad(clip_grad: Any) -> dict:
 
 
 def build_optim_wrapper(cfg: Any, model: torch.nn.Module) -> OptimWrapper:
-    """Build ``optim_wrapper=dict(optimizer=dict(type='AdamW', lr=...), clip_grad=..., ...)``."""
-    if isinstance(cfg, OptimWrapper):
+    """Build ``optim_wrapper=dict(optimizer=dict(type='AdamW', lr=...), clip_grad=..., ...)``.
+
+    MMEngine's forms too: ``paramwise_cfg=...``, ``constructor='MyConstructor'`` (see
+    :mod:`~scale_runner.optim_constructor`), and several optimizers, ``dict(generator=dict(
+    optimizer=...), discriminator=dict(...))`` (or a dict of built wrappers): an
+    :class:`~scale_runner.optim_wrapper_dict.OptimWrapperDict`."""
+    from .optim_wrapper_dict import OptimWrapperDict
+    if isinstance(cfg, (OptimWrapper, OptimWrapperDict)):
         return cfg
     if isinstance(cfg, torch.optim.Optimizer):
         return OptimWrapper(cfg)
@@ -325,6 +351,12 @@ def build_optim_wrapper(cfg: Any, model: torch.nn.Module) -> OptimWrapper:
                           f"optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)), or an "
                           f'OptimWrapper (got a {type(cfg).__name__})')
     cfg = dict(cfg)
+    constructor = cfg.pop('constructor', None)
+    if constructor is None and 'optimizer' not in cfg and _several(cfg):
+        constructor = 'MultiOptimWrapperConstructor'
+    if constructor is not None or 'paramwise_cfg' in cfg:
+        from .optim_constructor import build_with_constructor
+        return build_with_constructor(constructor or 'DefaultOptimWrapperConstructor', cfg, model)
     cfg.setdefault('type', 'OptimWrapper')
     optimizer = cfg.get('optimizer')
     if optimizer is None:
@@ -344,3 +376,12 @@ def build_optim_wrapper(cfg: Any, model: torch.nn.Module) -> OptimWrapper:
         raise ConfigError(f'optim_wrapper.optimizer = {optimizer!r} is not valid: it takes '
                           f"dict(type='AdamW', lr=1e-3, ...) or a built torch optimizer")
     return OPTIM_WRAPPERS.build(cfg, _cfg_path='optim_wrapper')
+
+
+def _several(cfg: dict) -> bool:
+    """An ``optim_wrapper`` of several wrappers: every value a wrapper config (with
+    ``optimizer``) or a built ``OptimWrapper``, and no key of a single wrapper's."""
+    if not cfg or 'type' in cfg or did_you_mean('optimizer', [k for k in cfg if isinstance(k, str)]):
+        return False
+    return all(isinstance(v, OptimWrapper) or (isinstance(v, dict) and 'optimizer' in v)
+               for v in cfg.values())

@@ -6,6 +6,7 @@ import inspect
 import re
 import sys
 import types
+import warnings
 from typing import Any, Callable, Iterable
 
 from .config import DataStr, is_stdlib_module
@@ -82,6 +83,19 @@ class Registry:
             names = [obj.__name__] if name is None else ([name] if isinstance(name, str) else list(name))
             for key in names:
                 if not force and key in self._modules and self._modules[key] is not obj:
+                    old = self._modules[key]
+                    if _builtin(old) and not _builtin(obj):
+                        # MMEngine's tutorial registers its own `Accuracy`: user code may
+                        # shadow a built-in name, said once, here.
+                        warnings.warn(
+                            f'{key!r} in the {self.name!r} registry now names your '
+                            f'{_qualname(obj)} instead of the built-in {_qualname(old)}; pass '
+                            f'force=True to silence this, or choose another name to keep both',
+                            stacklevel=3)
+                        self._modules[key] = obj
+                        continue
+                    if _builtin(obj) and not _builtin(old):
+                        continue  # a built-in module loaded after the user's shadow: keep it
                     raise KeyError(
                         f'{key!r} is already registered in the {self.name!r} registry '
                         f'(as {_qualname(self._modules[key])}); pass force=True to replace it '
@@ -477,6 +491,12 @@ def _qualname(obj: Any) -> str:
     return f'{mod}.{name}' if mod else name
 
 
+def _builtin(obj: Any) -> bool:
+    """Whether ``obj`` is one of scale_runner's or torch's own (a name user code may shadow)."""
+    module = getattr(obj, '__module__', None) or ''
+    return module.split('.')[0] in ('scale_runner', 'torch')
+
+
 def _torch_classes(module_name: str, base_name: str):
     def populate(reg: Registry) -> None:
         mod = importlib.import_module(module_name)
@@ -502,12 +522,14 @@ def _build_runner(registry: Registry, cfg: Any, **default_args) -> Any:
 RUNNERS = Registry('runner', locations=['scale_runner.runner'], build_func=_build_runner)
 LOOPS = Registry('loop', locations=['scale_runner.loops'])
 HOOKS = Registry('hook', locations=['scale_runner.hooks'])
-MODELS = Registry('model')
+MODELS = Registry('model', locations=['scale_runner.data_preprocessor'])
 DATASETS = Registry('dataset', locations=['scale_runner.hf_datasets'])
 DATA_SAMPLERS = Registry('data_sampler', locations=['scale_runner.data'])
 FUNCTIONS = Registry('function', locations=['scale_runner.data'])
 OPTIMIZERS = Registry('optimizer', populate=_torch_classes('torch.optim', 'Optimizer'))
 OPTIM_WRAPPERS = Registry('optim_wrapper', locations=['scale_runner.optim'])
+OPTIM_WRAPPER_CONSTRUCTORS = Registry('optim_wrapper_constructor',
+                                      locations=['scale_runner.optim_constructor'])
 PARAM_SCHEDULERS = Registry('param_scheduler', locations=['scale_runner.schedulers'],
                             populate=_torch_classes('torch.optim.lr_scheduler', 'LRScheduler'))
 METRICS = Registry('metric', locations=['scale_runner.evaluation'])
@@ -515,6 +537,7 @@ EVALUATORS = Registry('evaluator', locations=['scale_runner.evaluation'])
 TRACKERS = Registry('tracker')
 
 __all__ = ['Registry', 'RUNNERS', 'LOOPS', 'HOOKS', 'MODELS', 'DATASETS', 'DATA_SAMPLERS',
-           'FUNCTIONS', 'OPTIMIZERS', 'OPTIM_WRAPPERS', 'PARAM_SCHEDULERS', 'METRICS',
+           'FUNCTIONS', 'OPTIMIZERS', 'OPTIM_WRAPPERS', 'OPTIM_WRAPPER_CONSTRUCTORS',
+           'PARAM_SCHEDULERS', 'METRICS',
            'EVALUATORS', 'TRACKERS', 'import_dotted', 'call_with_cfg', 'allow_data_modules',
            'check_data_types', 'resolve_data_type']

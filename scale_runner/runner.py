@@ -20,6 +20,7 @@ from .registry import HOOKS, LOOPS, MODELS, RUNNERS
 from .state import TrainState
 
 DEFAULT_HOOKS = {
+    'runtime_info': dict(type='RuntimeInfoHook'),  # fills runner.message_hub (MMEngine's)
     'timer': dict(type='IterTimerHook'),
     'sampler_seed': dict(type='DistSamplerSeedHook'),
     'logger': dict(type='LoggerHook'),
@@ -43,7 +44,7 @@ class Runner:
                  optim_wrapper=None, param_scheduler=None, val_evaluator=None, test_evaluator=None,
                  default_hooks=None, custom_hooks=None, load_from=None, resume=False,
                  accelerator=None, randomness=None, experiment_name=None, log_level='INFO',
-                 trackers=None, cfg=None):
+                 trackers=None, launcher='none', env_cfg=None, log_processor=None, cfg=None):
         if model is None:
             raise ConfigError('model is required: a module or dict(type=..., ...) from MODELS')
         self.cfg = cfg if cfg is None or isinstance(cfg, Config) else Config(cfg)
@@ -56,8 +57,21 @@ class Runner:
         self._param_scheduler_cfg = param_scheduler
         self._default_hooks_cfg = default_hooks
         self._custom_hooks_cfg = custom_hooks
-        self._accelerator_cfg = accelerator
+        from .launcher import accelerator_with_dist, check_env_cfg, check_launcher
+        from .log_processor import build_log_processor
+        from .message_hub import MessageHub
+        self.launcher = check_launcher(launcher)
+        self._env_cfg = check_env_cfg(env_cfg)
+        self._accelerator_cfg = accelerator_with_dist(accelerator, self._env_cfg)
         self._randomness_cfg = randomness
+        self.log_processor = build_log_processor(log_processor)
+        if resume is True and load_from is not None:
+            # MMEngine resumes from load_from then; silently ignoring it would surprise
+            import warnings
+            warnings.warn(f'resume=True with load_from={load_from!r}: resuming from load_from, '
+                          f"as MMEngine does (resume='auto' would use the latest checkpoint of "
+                          f'work_dir and load_from only on a first run)', stacklevel=2)
+            resume = load_from
         self._resume = resolve_resume(resume)
         if experiment_name is not None and not isinstance(experiment_name, str):
             raise ConfigError(f'experiment_name = {experiment_name!r} is not valid: it takes a string '
@@ -67,6 +81,7 @@ class Runner:
         self.log_level = log_level
         self.trackers = trackers  # experiment trackers: see trackers.py (used by LoggerHook)
         self.state = TrainState()
+        self.message_hub = MessageHub(f'runner_{id(self)}', self.state)  # this runner's, no global
         self.log_buffer = LogBuffer()
         self.accelerator = self.logger = self.seed = None
         self.model = model if not isinstance(model, dict) else None
@@ -132,6 +147,7 @@ class Runner:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.setup_env()
         acc = self.accelerator
+        from .launcher import apply_env_cfg
         if acc.num_processes > 1:  # so a finished script under torchrun cannot abort at exit
             from .shutdown import register_drain
             register_drain()
@@ -148,6 +164,7 @@ class Runner:
                          f'device: {acc.device}, precision: {acc.mixed_precision}, seed: {self.seed}')
         if self.cfg is not None and acc.is_main_process:
             self.cfg.dump(self.log_dir / 'config.py')
+        apply_env_cfg(self._env_cfg, self.launcher, acc, self.logger)
         if self.model is None:
             self.model = MODELS.build(self._model_cfg, _cfg_path='model')
         self.register_hooks(self._default_hooks_cfg, self._custom_hooks_cfg)
@@ -234,16 +251,19 @@ class Runner:
                               f'{", ".join(missing)} (or remove the others to train without it)')
         self._setup()
         from .optim import build_optim_wrapper, updates_per_epoch
-        from .schedulers import build_param_schedulers
+        from .optim_wrapper_dict import wrappers_of
+        from .schedulers import build_schedulers_for
         self.train_loop = self.build_train_loop(self._parts['train_cfg'])
         self.optim_wrapper = build_optim_wrapper(self._parts['optim_wrapper'], self.model)
         self.optim_wrapper.train_state = self.state  # its accumulation window is counted here
-        self.param_schedulers = build_param_schedulers(
-            self._param_scheduler_cfg, self.optim_wrapper.optimizer,
+        self.param_schedulers = build_schedulers_for(
+            self._param_scheduler_cfg, self.optim_wrapper,
             updates_per_epoch(self.optim_wrapper, _safe_len(self.train_loop.dataloader)))
         from .env import check_train_setup  # same batch count on every rank; DeepSpeed 'auto's
         check_train_setup(self.accelerator, self.train_loop.dataloader, self.optim_wrapper)
-        (self.optim_wrapper.optimizer,) = self._prepare_model(self.optim_wrapper.optimizer)
+        wrappers = wrappers_of(self.optim_wrapper)  # one, or each of an OptimWrapperDict
+        for wrapper, optimizer in zip(wrappers, self._prepare_model(*[w.optimizer for w in wrappers])):
+            wrapper.optimizer = optimizer
         self.optim_wrapper.bind(self.accelerator, self.model)
         if all(val_parts) and self.val_loop is None:
             self.val_loop = self.build_eval_loop('val')

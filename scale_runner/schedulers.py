@@ -1,8 +1,15 @@
 """Parameter schedulers with MMEngine's ``begin`` / ``end`` / ``by_epoch`` semantics.
 
 Each entry of ``param_scheduler`` wraps a ``torch.optim.lr_scheduler`` class (or a registered
-one). An entry is active for steps ``begin <= t <= end`` (steps are optimizer updates, or
-epochs when ``by_epoch=True``), so warmup-then-cosine is two list entries.
+one). As in MMEngine, an entry is active for steps ``begin <= t < end`` (steps are optimizer
+updates, or epochs when ``by_epoch=True``): the value at step ``t`` is the schedule's value
+``t - begin`` steps in, and it stops changing after step ``end - 1``. So ``LinearLR(begin=0,
+end=4)`` reaches the base lr at step 3 (its ``total_iters`` is ``end - begin - 1``), and
+``CosineAnnealingLR(begin=4, end=12)`` (``T_max = end - begin``) takes its last value at step
+11. Warmup-then-cosine is two list entries.
+
+A built scheduler object (``MultiStepLR(optimizer, ...)``) steps every epoch unless it has a
+``by_epoch`` attribute (MMEngine's default is ``by_epoch=True``).
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ from .registry import PARAM_SCHEDULERS
 # Constructor parameters that measure a schedule length: they default to ``end - begin`` and
 # are converted from epochs to iterations by ``convert_to_iter_based``.
 LENGTH_PARAMS = ('total_iters', 'T_max', 'step_size', 'T_0')
+# Their defaults, MMEngine's: a schedule that ends at ``end - begin - 1`` (its last active
+# step) for the ``total_iters`` ones, ``end - begin`` for the cosine periods.
+DEFAULT_LENGTH = {'total_iters': 1, 'T_max': 0, 'T_0': 0}
 MILESTONE_PARAMS = ('milestones',)
 # Keys of a ``param_scheduler`` entry read by the runner, not by the scheduler's constructor.
 SCHEDULE_KEYS = ('begin', 'end', 'by_epoch', 'convert_to_iter_based')
@@ -41,8 +51,7 @@ class ParamScheduler:
             self.scheduler.last_epoch = -1
             initial = getattr(self.scheduler, '_initial_step', None)
             (initial or self.scheduler.step)()
-        elif self.begin < t <= self.end:
-            # Stepping at t == end lands exactly on the schedule's final value.
+        elif self.begin < t < self.end:  # [begin, end): nothing changes from step `end` on
             self.scheduler.step()
 
     def state_dict(self) -> dict:
@@ -68,10 +77,7 @@ def build_param_schedulers(cfg: Any, optimizer, epoch_length: int | None) -> lis
     for i, one in enumerate(cfgs):
         where = f'param_scheduler[{i}]' if isinstance(cfg, (list, tuple)) else 'param_scheduler'
         if not isinstance(one, dict):
-            if not callable(getattr(one, 'step', None)):
-                raise ConfigError(f"{where} = {one!r} is not valid: it takes dict(type="
-                                  f"'CosineAnnealingLR', ...) (or a list of them) or a built scheduler")
-            built.append(one)
+            built.append(wrap_built(one, where, optimizer))
             continue
         one = dict(one)
         begin = one.pop('begin', 0)
@@ -112,8 +118,8 @@ def build_param_schedulers(cfg: Any, optimizer, epoch_length: int | None) -> lis
         if math.isfinite(end):
             params = inspect.signature(cls).parameters
             for key in LENGTH_PARAMS:
-                if key in params and key not in one and key != 'step_size':
-                    one[key] = end - begin
+                if key in params and key not in one and key in DEFAULT_LENGTH:
+                    one[key] = max(end - begin - DEFAULT_LENGTH[key], 0)
         sched = PARAM_SCHEDULERS.build(one, _cfg_path=where, optimizer=optimizer,
                                        _cfg_extra_keys=SCHEDULE_KEYS, _check=check_scheduler_args,
                                        _wrap_errors=True)
@@ -124,4 +130,57 @@ def build_param_schedulers(cfg: Any, optimizer, epoch_length: int | None) -> lis
                 g['lr'] = lr
         built.append(wrapped)
         lrs = [g['lr'] for g in optimizer.param_groups]
+    return built
+
+
+def wrap_built(scheduler, where: str, optimizer) -> Any:
+    """A built scheduler as an entry of the list: one with ``by_epoch`` (ours, or one of the
+    user's) as it is; a torch one wrapped to step every epoch over ``[0, inf)``."""
+    if isinstance(scheduler, ParamScheduler) or hasattr(scheduler, 'by_epoch'):
+        if not callable(getattr(scheduler, 'step', None)):
+            raise ConfigError(f'{where} = {scheduler!r} has no step() method')
+        return scheduler
+    if not callable(getattr(scheduler, 'step', None)) or not hasattr(scheduler, 'state_dict'):
+        raise ConfigError(f"{where} = {scheduler!r} is not valid: it takes dict(type="
+                          f"'CosineAnnealingLR', ...) (or a list of them) or a built scheduler")
+    own = getattr(scheduler, 'optimizer', None)
+    if own is not None and optimizer is not None and _torch_opt(own) is not _torch_opt(optimizer):
+        raise ConfigError(f'{where}: the built {type(scheduler).__name__} schedules another '
+                          f'optimizer than optim_wrapper.optimizer: build it on the same optimizer '
+                          f'(optim_wrapper=dict(optimizer=opt), param_scheduler=MultiStepLR(opt, ...))'
+                          f' or give a config dict')
+    return ParamScheduler(scheduler, 0, math.inf, True, optimizer)
+
+
+def _torch_opt(optimizer):
+    return getattr(optimizer, 'optimizer', optimizer)  # inside Accelerate's / our wrapper
+
+
+def build_schedulers_for(cfg: Any, optim_wrapper, epoch_length: int | None) -> list:
+    """``param_scheduler`` for the run's wrapper. With an ``OptimWrapperDict`` (MMEngine's
+    rules): a dict keyed by wrapper name gives each its own list; any other config is built
+    for every wrapper. The schedulers of all wrappers form one list (checkpointed in order)."""
+    from .optim_wrapper_dict import OptimWrapperDict
+    if not isinstance(optim_wrapper, OptimWrapperDict):
+        return build_param_schedulers(cfg, optim_wrapper.optimizer, epoch_length)
+    if cfg is None:
+        return []
+    names = list(optim_wrapper.keys())
+    if isinstance(cfg, dict) and 'type' not in cfg:
+        unknown = [k for k in cfg if k not in names]
+        if unknown:
+            near = did_you_mean(str(unknown[0]), names)
+            did = f' (did you mean {near!r}?)' if near else ''
+            raise ConfigError(f'param_scheduler.{unknown[0]} is not an optimizer wrapper{did}: '
+                              f'keyed by wrapper, param_scheduler takes the names {names}')
+        per_name = cfg
+    else:
+        per_name = {name: cfg for name in names}
+    built = []
+    for name, one in per_name.items():
+        for s in (one if isinstance(one, (list, tuple)) else [one]):
+            if not isinstance(s, dict):
+                raise ConfigError(f'param_scheduler for optim_wrapper.{name}: with several '
+                                  f'optimizers give config dicts, not built schedulers ({s!r})')
+        built += build_param_schedulers(one, optim_wrapper[name].optimizer, epoch_length)
     return built

@@ -645,8 +645,9 @@ def test_checkpoint_hook_options(tmp_path, tiny_parts):
                                            out_dir=str(out), filename_tmpl='step{}',
                                            save_optimizer=False, save_param_scheduler=False))))
     assert runner.iter == 16
-    # saves at 6, 9, 12, 15 and the last (16); only the newest 2 are kept
-    assert sorted(p.name for p in out.iterdir()) == ['latest', 'step15', 'step16']
+    # the interval counts from save_begin (MMEngine's): saves at 5, 8, 11, 14 and the last
+    # (16); only the newest 2 are kept
+    assert sorted(p.name for p in out.iterdir()) == ['latest', 'step14', 'step16']
     state = read_checkpoint(out / 'step16')['state']
     assert 'optimizer' not in state and 'param_schedulers' not in state
     assert not (tmp_path / 'checkpoints').exists()

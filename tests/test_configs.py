@@ -20,7 +20,7 @@ SMALL_TEXT = {'train_dataloader.dataset.data_files': TRAIN_FILE,
               'custom_hooks.0.max_new_tokens': 16,
               'default_hooks.logger.interval': 2}
 TESTED = {'char_lm.py', 'char_lm_gpu.py', 'char_lm_epoch.py', 'hf_gpt2_tiny.py', 'digits_cnn.py',
-          'spiral_mlp.py'}
+          'spiral_mlp.py', 'char_lm_stream.py'}  # char_lm_stream.py: tests/test_streaming.py
 
 
 def train(name: str, tmp_path: Path, options: dict):

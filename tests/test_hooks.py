@@ -6,7 +6,7 @@ from conftest import RegressionData
 
 from scale_runner import ConfigError, Runner
 from scale_runner.hooks import (CheckpointHook, DistSamplerSeedHook, Hook, IterTimerHook, LoggerHook,
-                                NanGuardHook, ParamSchedulerHook, get_priority)
+                                NanGuardHook, ParamSchedulerHook, RuntimeInfoHook, get_priority)
 from scale_runner.registry import HOOKS
 
 
@@ -60,7 +60,8 @@ def test_default_and_custom_hooks_from_config(tmp_path, tiny_parts):
                       TagHook('normal')]))
     runner.register_hooks(runner._default_hooks_cfg, runner._custom_hooks_cfg)
     assert _names(runner) == [
-        ('TagHook', 'first', 0), ('NanGuardHook', None, 10), ('TagHook', 'timer', 50),
+        ('TagHook', 'first', 0), ('RuntimeInfoHook', None, 10), ('NanGuardHook', None, 10),
+        ('TagHook', 'timer', 50),
         ('DistSamplerSeedHook', None, 50),
         ('TagHook', 'normal', 50),
         ('LoggerHook', None, 60), ('ParamSchedulerHook', None, 70), ('TagHook', 'low', 70)]
@@ -74,9 +75,9 @@ def test_default_hooks_are_the_standard_ones(tmp_path, tiny_parts):
     with Runner(**tiny_parts(tmp_path)) as runner:
         runner.train()
         kinds = [type(h) for h in runner.hooks]
-        assert kinds == [NanGuardHook, IterTimerHook, DistSamplerSeedHook, LoggerHook,
-                         ParamSchedulerHook, CheckpointHook]
-        assert [h.priority for h in runner.hooks] == [10, 50, 50, 60, 70, 90]
+        assert kinds == [RuntimeInfoHook, NanGuardHook, IterTimerHook, DistSamplerSeedHook,
+                         LoggerHook, ParamSchedulerHook, CheckpointHook]
+        assert [h.priority for h in runner.hooks] == [10, 10, 50, 50, 60, 70, 90]
 
 
 def test_invalid_priority_in_config(tmp_path, tiny_parts):

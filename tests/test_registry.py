@@ -453,9 +453,10 @@ def test_user_registration_before_lazy_load_does_not_break_builtins(fresh_proces
     assert fresh_process['EARLY_REGISTER'] == ['True', 'True']
 
 
-def test_registering_a_builtin_name_before_lazy_load_is_a_clear_error(fresh_process):
-    assert fresh_process['CLASH'] == ['REFUSED']
-    assert fresh_process['CLASH_KEPT'][0].startswith('torch.optim')
+def test_registering_a_builtin_name_before_lazy_load_shadows_it_with_a_warning(fresh_process):
+    # MMEngine's tutorial registers its own `Accuracy`: user code may shadow a built-in name
+    assert fresh_process['CLASH'] == ['SHADOWED_WITH_WARNING']
+    assert fresh_process['CLASH_KEPT'] == ['__main__']
 
 
 def test_importing_registry_does_not_import_torch():

@@ -362,15 +362,15 @@ def test_warmup_then_cosine(tmp_path):
         dict(type='LinearLR', start_factor=0.25, by_epoch=False, begin=0, end=5),
         dict(type='CosineAnnealingLR', by_epoch=False, begin=5, end=20)],
         dict(by_epoch=False, max_iters=24))
+    # MMEngine's [begin, end): the warmup reaches the base lr at step 4 (end - 1), the cosine
+    # (T_max = end - begin) runs steps 5..19 and keeps its step-19 value from 20 on.
     expected = []
     for t in range(24):
-        if t <= 5:
-            expected.append(base * (0.25 + 0.75 * t / 5))
-        elif t <= 20:
-            expected.append(base * (1 + math.cos(math.pi * (t - 5) / 15)) / 2)
+        if t < 5:
+            expected.append(base * (0.25 + 0.75 * t / 4))
         else:
-            expected.append(0.0)
-    assert abs(rec.lrs[5] - base) < 1e-12  # warmup ends exactly at the base lr
+            expected.append(base * (1 + math.cos(math.pi * (min(t, 19) - 5) / 15)) / 2)
+    assert abs(rec.lrs[4] - base) < 1e-12  # warmup ends exactly at the base lr
     assert rec.lrs == pytest.approx(expected, abs=1e-9)
 
 
@@ -378,8 +378,8 @@ def test_schedulers_step_per_update_with_accumulation(tmp_path):
     base = 0.1
     rec = _sched_run(tmp_path, dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=4),
                      dict(by_epoch=False, max_iters=12), accumulative_counts=2)
-    # lr changes once per optimizer update (every 2 micro-batches).
-    expected = [base * (0.5 + 0.5 * min(i // 2, 4) / 4) for i in range(12)]
+    # lr changes once per optimizer update (every 2 micro-batches); [0, 4): base from update 3.
+    expected = [base * (0.5 + 0.5 * min(i // 2, 3) / 3) for i in range(12)]
     assert rec.lrs == pytest.approx(expected, abs=1e-12)
 
 
@@ -393,21 +393,21 @@ def test_by_epoch_schedulers(tmp_path):
 
 def test_convert_to_iter_based(tmp_path):
     base = 0.1
-    # 16 samples / batch 4 = 4 iterations per epoch: warmup over 2 epochs = 8 iterations.
+    # 16 samples / batch 4 = 4 iterations per epoch: warmup over 2 epochs = iterations [0, 8).
     rec = _sched_run(tmp_path, dict(type='LinearLR', start_factor=0.5, by_epoch=True, begin=0,
                                     end=2, convert_to_iter_based=True),
                      dict(by_epoch=True, max_epochs=3))
-    expected = [base * (0.5 + 0.5 * min(t, 8) / 8) for t in range(12)]
+    expected = [base * (0.5 + 0.5 * min(t, 7) / 7) for t in range(12)]
     assert rec.lrs == pytest.approx(expected, abs=1e-12)
 
 
 def test_convert_to_iter_based_counts_updates_with_accumulation(tmp_path):
     base = 0.1
-    # 4 micro-batches per epoch, 2 per update: 2 updates per epoch, so 2 epochs = 4 updates.
+    # 4 micro-batches per epoch, 2 per update: 2 updates per epoch, so 2 epochs = updates [0, 4).
     rec = _sched_run(tmp_path, dict(type='LinearLR', start_factor=0.5, by_epoch=True, begin=0,
                                     end=2, convert_to_iter_based=True),
                      dict(by_epoch=True, max_epochs=3), accumulative_counts=2)
-    expected = [base * (0.5 + 0.5 * min(i // 2, 4) / 4) for i in range(12)]
+    expected = [base * (0.5 + 0.5 * min(i // 2, 3) / 3) for i in range(12)]
     assert rec.lrs == pytest.approx(expected, abs=1e-12)
 
 

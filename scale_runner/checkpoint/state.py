@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,9 @@ def model_state(runner) -> tuple[dict | None, dict | None]:
     its partitions; FSDP2 shards are kept as they are)."""
     from ..model import unwrap
     from ..sharding import is_sharded
+    from .zero import full_weights, is_deepspeed
+    if is_deepspeed(runner.accelerator):  # ZeRO: the fp32 master weights, put together
+        return full_weights(runner.model), None
     module = unwrap(runner.model)
     if is_sharded(module):
         return None, module.state_dict()
@@ -66,14 +68,13 @@ def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: boo
         meta['train_batch_size'] = train_batch_size(runner.train_loop.dataloader)
     if runner.optim_wrapper is not None:
         meta['accumulative_counts'] = runner.optim_wrapper.accumulative_counts
-    if save_optimizer and runner.optim_wrapper is not None and acc.distributed_type == 'DEEPSPEED':
-        # ZeRO keeps each rank's optimizer partition in objects of its own (loss scaler,
-        # partition maps) that have no pickle-free form yet: save the weights and the training
-        # state, and make resume say so instead of continuing with a fresh optimizer.
-        meta['optimizer_not_saved'] = 'DeepSpeed ZeRO optimizer partitions'
-        warnings.warn('DeepSpeed: checkpoints hold the weights and the training state but not the '
-                      'ZeRO optimizer partitions; they can be load_from, not resumed')
-        save_optimizer = False
+    from .zero import is_deepspeed, zero_stage, zero_state
+    deepspeed = is_deepspeed(acc) and runner.optim_wrapper is not None
+    if deepspeed:
+        meta['zero_stage'] = zero_stage(runner.model)
+        if runner.state.iter % runner.optim_wrapper.accumulative_counts:
+            # the window's partial gradients are inside DeepSpeed's buckets: not saved
+            meta['zero_inside_window'] = True
     state: dict = {'meta': meta}
     state.update((name, part.state_dict()) for name, part in
                  state_parts(runner, save_optimizer, save_param_scheduler).items())
@@ -85,6 +86,11 @@ def collect_state(runner, save_optimizer: bool = True, save_param_scheduler: boo
         state['grads'] = grads  # sharded gradients: each rank writes its shards
         grads = {}
     rank_state = {'rng': rng_state()}
+    if deepspeed and save_optimizer:  # each rank's ZeRO partition, in its own files
+        rank_state['zero'] = zero_state(runner.model)
+    data = _stream_call('loader_state', runner)  # a streamed train set: this rank's position
+    if data is not None:
+        rank_state['data'] = data
     if grads:
         rank_state['grad'] = grads
     return whole, state, rank_state
@@ -98,7 +104,8 @@ def partial_gradients(runner) -> dict[str, torch.Tensor]:
     and nothing is written.
     """
     wrapper = runner.optim_wrapper
-    if wrapper is None or wrapper.accumulative_counts == 1 or runner.model is None:
+    if (wrapper is None or wrapper.accumulative_counts == 1 or runner.model is None
+            or runner.accelerator.distributed_type == 'DEEPSPEED'):  # (inside its buckets)
         return {}
     from ..model import unwrap
     return {name: p.grad for name, p in unwrap(runner.model).named_parameters() if p.grad is not None}
@@ -212,10 +219,17 @@ def restore_state(runner, ckpt: dict) -> None:
             f'yet), so training cannot resume exactly from it; use load_from={path!r} to start '
             f'a new run from its weights')
     change = _changes(runner, meta, path)
+    _stream_call('restore_loader', runner, ckpt, change)  # refuses another setup for a stream
     _load_sharded(runner, state, path)
     from ..model import unwrap
+    from .zero import check_zero_resume, is_deepspeed, load_zero_weights
+    deepspeed = is_deepspeed(runner.accelerator)
+    check_zero_resume(runner, meta, ckpt['rank'], path, change)
     weights = ckpt['model'] if ckpt['model'] is not None else state.get('model')
-    load_weights(unwrap(runner.model), weights or {}, path)
+    if deepspeed:
+        load_zero_weights(runner.model, weights or {}, path)
+    else:
+        load_weights(unwrap(runner.model), weights or {}, path)
     parts = state_parts(runner)
     for name, part in parts.items():
         if name in state:
@@ -225,6 +239,9 @@ def restore_state(runner, ckpt: dict) -> None:
                                   f'it starts fresh')
     rank = runner.accelerator.process_index
     rank_state = ckpt['rank']
+    if deepspeed and 'zero' in rank_state:
+        from .zero import load_zero_state
+        load_zero_state(runner.model, rank_state['zero'], rank, ckpt['world_size'], path)
     if 'rng' in rank_state:
         set_rng_state(rank_state['rng'])
     else:
@@ -232,9 +249,17 @@ def restore_state(runner, ckpt: dict) -> None:
     grads = state.get('grads') or rank_state.get('grad')
     if change and ckpt['world_size'] and not state.get('grads'):
         grads = _mean_gradients(ckpt)
-    _restore_gradients(runner, grads, path)
+    if not deepspeed:  # (a ZeRO checkpoint is never inside an accumulation window)
+        _restore_gradients(runner, grads, path)
     if change:
         _continue_position(runner, meta, change)
+
+
+def _stream_call(name: str, *args):
+    """``scale_runner.streaming.<name>(*args)`` if a stream was ever built (else None)."""
+    import sys
+    stream = sys.modules.get('scale_runner.streaming')
+    return getattr(stream, name)(*args) if stream is not None else None
 
 
 def _changes(runner, meta: dict, path: str) -> str | None:

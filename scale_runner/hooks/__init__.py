@@ -12,8 +12,9 @@ from .profiler_hook import ProfilerHook
 from .empty_cache_hook import EmptyCacheHook
 from .sync_buffers_hook import SyncBuffersHook
 from .preemption_hook import PreemptionHook
+from .runtime_info_hook import RuntimeInfoHook
 
 __all__ = ['Hook', 'PRIORITIES', 'STAGES', 'get_priority', 'CheckpointHook', 'IterTimerHook',
            'LoggerHook', 'ParamSchedulerHook', 'DistSamplerSeedHook',
            'EMAHook', 'EarlyStoppingHook', 'NanGuardHook', 'NonFiniteLossError', 'ProfilerHook',
-           'EmptyCacheHook', 'SyncBuffersHook', 'PreemptionHook']
+           'EmptyCacheHook', 'SyncBuffersHook', 'PreemptionHook', 'RuntimeInfoHook']

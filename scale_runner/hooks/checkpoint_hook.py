@@ -35,7 +35,9 @@ class CheckpointHook(Hook):
 
     ``by_epoch=None`` follows the train loop. Older checkpoints are deleted only after a newer
     one is completely written. ``filename_tmpl`` defaults to ``'epoch_{}'`` / ``'iter_{}'``.
-    Nothing is saved before ``save_begin`` (epochs or iterations). ``save_optimizer`` /
+    Nothing is saved before ``save_begin`` (epochs or iterations), and, as in MMEngine, the
+    interval counts from it: ``save_begin=3, interval=2`` saves 3, 5, 7, ... (and the last).
+    ``save_begin=0`` (the default) saves at multiples of ``interval``. ``save_optimizer`` /
     ``save_param_scheduler=False`` leave those states out (such a checkpoint cannot be resumed
     exactly).
 
@@ -227,7 +229,8 @@ class CheckpointHook(Hook):
     def _due(self, progress: int, last: int | None) -> bool:
         if progress < self.save_begin:
             return False
-        periodic = self.interval > 0 and progress % self.interval == 0
+        # MMEngine's: the interval counts from save_begin (save_begin=3, interval=2: 3, 5, 7)
+        periodic = self.interval > 0 and (progress - self.save_begin) % self.interval == 0
         return periodic or (self.save_last and progress == last)
 
     def _write(self, runner, name: str, then=None) -> None:

@@ -58,6 +58,9 @@ class LoggerHook(Hook):
     # ---- run ----------------------------------------------------------------------------------
     def before_run(self, runner) -> None:
         from ..trackers import Trackers
+        processor = getattr(runner, 'log_processor', None)
+        if self.by_epoch is None and processor is not None:
+            self.by_epoch = processor.by_epoch  # log_processor.by_epoch (None: the loop's)
         if runner.train_loop is not None and (self.by_epoch is None or runner.state.max_epochs is None):
             self.by_epoch = runner.state.max_epochs is not None
         main = runner.accelerator.is_main_process
@@ -140,7 +143,8 @@ class LoggerHook(Hook):
         """Write the window's line, scalars and tracker values, and start a new window."""
         buf = runner.log_buffer
         timer = self._timer
-        values: dict[str, Any] = {'lr': runner.optim_wrapper.get_lr()['lr'][0]}
+        # 'lr', or '<name>.lr' per wrapper of an OptimWrapperDict (MMEngine's keys)
+        values: dict[str, Any] = {k: v[0] for k, v in runner.optim_wrapper.get_lr().items()}
         means = buf.means('train')
         buf.clear_window('train')
         for key in FIRST_KEYS[2:6]:
@@ -155,6 +159,9 @@ class LoggerHook(Hook):
         skipped = getattr(runner.optim_wrapper, 'scaler_skips', None)
         if skipped is not None:
             values['scaler_skips'] = skipped  # fp16 grad scaler: steps skipped so far
+        processor = getattr(runner, 'log_processor', None)
+        if processor is not None and processor.smooths:  # log_processor: the message hub's view
+            means = processor.train_values(runner, means)
         values.update(means)
         if runner.logger.isEnabledFor(logging.INFO):  # the line is not even formatted otherwise
             if self.by_epoch:
@@ -164,7 +171,7 @@ class LoggerHook(Hook):
             else:
                 head = f'Iter(train) [{runner.iter:>{len(str(runner.max_iters))}}/{runner.max_iters}]'
             eta = timer.eta_seconds(runner) if timer is not None else None
-            runner.logger.info(f'{head}  {format_values(values, eta)}')
+            runner.logger.info(f'{head}  {format_values(values, eta, digits=_digits(runner))}')
         self._emit(runner, values)
 
     # ---- val / test ---------------------------------------------------------------------------
@@ -208,7 +215,8 @@ class LoggerHook(Hook):
         timer = runner.get_hook('IterTimerHook')
         eta = timer.eval_eta_seconds(done, total) if timer is not None else None
         means = runner.log_buffer.means(mode)
-        runner.logger.info(f'{self._eval_head(runner, mode, done, total)}  {format_values(means, eta)}')
+        runner.logger.info(f'{self._eval_head(runner, mode, done, total)}  '
+                           f'{format_values(means, eta, digits=_digits(runner))}')
 
     def _after_eval(self, runner, mode: str, metrics: dict | None) -> None:
         if self._bar is not None:
@@ -218,7 +226,7 @@ class LoggerHook(Hook):
         means = runner.log_buffer.means(mode)
         timing = {k: means[k] for k in FIRST_KEYS if k in means}
         runner.log_buffer.clear_window(mode)
-        line = format_values({**metrics, **timing}, None, order=False)
+        line = format_values({**metrics, **timing}, None, order=False, digits=_digits(runner))
         runner.logger.info(f'{self._eval_head(runner, mode, total, total)}  {line}')
         # The loop's own loss is named `val_loss`/`test_loss`; the tracker key is `val/loss`.
         self._emit(runner, {f'{mode}/{k[len(mode) + 1:] if k == f"{mode}_loss" else k}': v
@@ -270,8 +278,14 @@ def _len(dataloader) -> int:
         return 0
 
 
-def format_values(values: dict, eta: float | None, order: bool = True) -> str:
-    """``lr: 1.0000e-03  eta: 0:01:12  time: 0.0510  ...`` (MMEngine's order when ``order``)."""
+def _digits(runner) -> int:
+    processor = getattr(runner, 'log_processor', None)
+    return processor.num_digits if processor is not None else 4
+
+
+def format_values(values: dict, eta: float | None, order: bool = True, digits: int = 4) -> str:
+    """``lr: 1.0000e-03  eta: 0:01:12  time: 0.0510  ...`` (MMEngine's order when ``order``;
+    ``digits`` decimals, ``log_processor.num_digits``)."""
     values = dict(values)
     parts = []
     if eta is not None:
@@ -284,8 +298,8 @@ def format_values(values: dict, eta: float | None, order: bool = True) -> str:
         v = values[key]
         if key == 'eta':
             parts.append(f'eta: {datetime.timedelta(seconds=int(v))}')
-        elif key == 'lr':
-            parts.append(f'lr: {float(v):.4e}')
+        elif key == 'lr' or key.endswith('.lr'):
+            parts.append(f'{key}: {float(v):.4e}')
         elif key == 'memory':
             parts.append(f'memory: {int(v)}')
         elif key in ('samples_per_s', 'tokens_per_s'):
@@ -299,7 +313,7 @@ def format_values(values: dict, eta: float | None, order: bool = True) -> str:
             if isinstance(v, int) and not isinstance(v, bool):
                 parts.append(f'{key}: {v}')
             elif f == 0 or (math.isfinite(f) and 1e-3 <= abs(f) < 1e6):
-                parts.append(f'{key}: {f:.4f}')
+                parts.append(f'{key}: {f:.{digits}f}')
             else:
-                parts.append(f'{key}: {f:.4e}')
+                parts.append(f'{key}: {f:.{digits}e}')
     return '  '.join(parts)

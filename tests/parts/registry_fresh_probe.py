@@ -19,17 +19,23 @@ from scale_runner.registry import PARAM_SCHEDULERS  # noqa: E402  (after the che
 assert not OPTIMIZERS._loaded and not PARAM_SCHEDULERS._loaded
 
 
-# taking a built-in's name fails at the user's call, not later inside the built-ins' import
+# taking a built-in's name is decided at the user's call (the built-ins load first), not later
+# inside the built-ins' import: the user's class shadows the built-in, with a warning
 class SGD:
     pass
 
 
-try:
-    OPTIMIZERS.register_module(module=SGD)
-except KeyError:
-    print('CLASH REFUSED')
-else:
-    print('CLASH ACCEPTED')
+import warnings  # noqa: E402
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    try:
+        OPTIMIZERS.register_module(module=SGD)
+    except KeyError:
+        print('CLASH REFUSED')
+    else:
+        said = any('instead of the built-in torch.optim' in str(w.message) for w in caught)
+        print('CLASH', 'SHADOWED_WITH_WARNING' if said else 'SHADOWED_SILENTLY')
 print('CLASH_KEPT', OPTIMIZERS.get('SGD').__module__)
 # a new name registered before the lazy load must not hide the built-ins
 PARAM_SCHEDULERS.register_module(name='MySched', module=dict)
