@@ -132,9 +132,12 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
         from .fsdp import check_cpu_plugin
         check_cpu_plugin(fsdp, (cfg or {}).get('fsdp'), kwargs)
         del kwargs['fsdp_plugin']
+    cpu_deepspeed = deepspeed and _on_cpu(kwargs)
+    if cpu_deepspeed:
+        _check_cpu_deepspeed(kwargs)
     if deepspeed and 'LOCAL_RANK' not in os.environ:
         _single_process_env()  # no launcher: DeepSpeed still needs a (one-process) group
-    if deepspeed and _on_cpu(kwargs):
+    if cpu_deepspeed:
         accelerator = _cpu_deepspeed(Accelerator, kwargs, bool((cfg or {}).get('deepspeed_cpu_shm')))
     else:
         accelerator = Accelerator(**kwargs)
@@ -162,6 +165,14 @@ def _single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def _check_cpu_deepspeed(kwargs: dict) -> None:
+    ds = getattr(kwargs.get('deepspeed_plugin'), 'deepspeed_config', None) or {}
+    precision = kwargs.get('mixed_precision') or os.environ.get('ACCELERATE_MIXED_PRECISION')
+    if precision == 'fp16' or (ds.get('fp16') or {}).get('enabled') is True:
+        raise ConfigError("accelerator.mixed_precision='fp16': DeepSpeed does not support fp16 on "
+                          "a CPU (its CPU accelerator refuses it); use 'bf16' or 'no', or a GPU")
+
+
 def _cpu_deepspeed(Accelerator, kwargs: dict, shm: bool):
     """DeepSpeed on a machine without a GPU: Accelerate drops the plugin when told to use the
     CPU (``cpu=True`` / ``ACCELERATE_USE_CPU``) and builds DDP, and without a backend every rank
@@ -170,12 +181,6 @@ def _cpu_deepspeed(Accelerator, kwargs: dict, shm: bool):
     DeepSpeed's shared-memory all-reduce op is compiled with g++ at the first start (45-80 s)
     unless ``accelerator.deepspeed_cpu_shm=True``: gloo alone does the collectives."""
     from accelerate.utils import InitProcessGroupKwargs
-    plugin = kwargs.get('deepspeed_plugin')
-    ds = getattr(plugin, 'deepspeed_config', None) or {}
-    precision = kwargs.get('mixed_precision') or os.environ.get('ACCELERATE_MIXED_PRECISION')
-    if precision == 'fp16' or (ds.get('fp16') or {}).get('enabled') is True:
-        raise ConfigError("accelerator.mixed_precision='fp16': DeepSpeed does not support fp16 on "
-                          "a CPU (its CPU accelerator refuses it); use 'bf16' or 'no', or a GPU")
     if not shm:
         import deepspeed.ops  # the table of ops DeepSpeed may build on this machine
         deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'] = False

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable
 
 
 class ConfigError(ValueError):
@@ -47,3 +47,15 @@ def did_you_mean(key: str, candidates: Iterable[str]) -> str | None:
     """The one candidate closest to ``key``, or None if none is close."""
     near = closest(key, candidates, n=1)
     return near[0] if near else None
+
+
+def check_keys(cfg: Any, valid: Iterable[str], where: str, kind: str) -> None:
+    """Refuse the first key of ``cfg`` not in ``valid``: its path, the closest valid one and
+    all of them (``kind``: what the keys are, e.g. ``'an env_cfg'``)."""
+    valid = list(valid)
+    for key in cfg:
+        if key not in valid:
+            near = did_you_mean(str(key), valid)
+            did = f' (did you mean {where}.{near}?)' if near else ''
+            raise ConfigError(f'{where}.{key} is not {kind} key{did}: the keys are '
+                              f'{", ".join(valid)}')

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 from typing import Any
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, check_keys, did_you_mean
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 ENV_KEYS = ('cudnn_benchmark', 'mp_cfg', 'dist_cfg', 'resource_limit')
@@ -35,12 +35,7 @@ def check_launcher(launcher: Any) -> str:
 
 
 def _keys(cfg: dict, valid: tuple, where: str) -> None:
-    for key in cfg:
-        if key not in valid:
-            near = did_you_mean(str(key), valid)
-            did = f' (did you mean {where}.{near}?)' if near else ''
-            raise ConfigError(f'{where}.{key} is not an {where.split(".")[0]} key{did}: the keys '
-                              f'are {", ".join(valid)}')
+    check_keys(cfg, valid, where, f'an {where.split(".")[0]}')
 
 
 def check_env_cfg(env_cfg: Any) -> dict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, check_keys, did_you_mean
 
 KEYS = ('window_size', 'by_epoch', 'custom_cfg', 'num_digits', 'log_with_hierarchy',
         'mean_pattern', 'type')
@@ -107,12 +107,7 @@ def _check_custom(custom_cfg: Any, where: str) -> list[dict]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{at} = {entry!r} is not valid: it takes dict(data_src='loss', "
                               f"method_name='mean', window_size=10)")
-        for key in entry:
-            if key not in ENTRY_KEYS:
-                near = did_you_mean(str(key), ENTRY_KEYS)
-                did = f' (did you mean {at}.{near}?)' if near else ''
-                raise ConfigError(f'{at}.{key} is not a custom_cfg key{did}: the keys are '
-                                  f'{", ".join(ENTRY_KEYS)}')
+        check_keys(entry, ENTRY_KEYS, at, 'a custom_cfg')
         if not isinstance(entry.get('data_src'), str):
             raise ConfigError(f"{at}.data_src is missing: name a logged value, e.g. data_src='loss'")
         method = entry.get('method_name', 'mean')

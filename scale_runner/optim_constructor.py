@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checks import check_number, check_optimizer_args
-from .errors import ConfigError, closest, did_you_mean
+from .errors import ConfigError, check_keys, closest
 from .registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
 PARAMWISE_KEYS = ('custom_keys', 'bias_lr_mult', 'bias_decay_mult', 'norm_decay_mult',
@@ -40,12 +40,8 @@ def check_paramwise_cfg(cfg: Any, where: str) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where} = {cfg!r} is not valid: it takes a dict, e.g. "
                           f"dict(norm_decay_mult=0.0, custom_keys={{'backbone': dict(lr_mult=0.1)}})")
+    check_keys(cfg, PARAMWISE_KEYS, where, 'a paramwise_cfg')
     for key, value in cfg.items():
-        if key not in PARAMWISE_KEYS:
-            near = did_you_mean(str(key), PARAMWISE_KEYS)
-            did = f' (did you mean {where}.{near}?)' if near else ''
-            raise ConfigError(f'{where}.{key} is not a paramwise_cfg key{did}: the keys are '
-                              f'{", ".join(PARAMWISE_KEYS)}')
         if key.endswith('_mult'):
             check_number(value, f'{where}.{key}', low=0, example=f'{key}=0.0')
     custom = cfg.get('custom_keys') or {}
@@ -60,12 +56,8 @@ def check_paramwise_cfg(cfg: Any, where: str) -> dict:
         if not isinstance(opts, dict):
             raise ConfigError(f'{at} = {opts!r} is not valid: it takes dict(lr_mult=..., '
                               f'decay_mult=...)')
+        check_keys(opts, CUSTOM_KEY_KEYS, at, 'a custom_keys entry')
         for key, value in opts.items():
-            if key not in CUSTOM_KEY_KEYS:
-                near = did_you_mean(str(key), CUSTOM_KEY_KEYS)
-                did = f' (did you mean {near}?)' if near else ''
-                raise ConfigError(f'{at}.{key} is not valid{did}: a custom key takes lr_mult and '
-                                  f'decay_mult')
             check_number(value, f'{at}.{key}', low=0, example=f'{key}=0.1')
     return dict(cfg)
 

@@ -195,10 +195,13 @@ def test_a_checkpoint_inside_a_zero_accumulation_window_is_refused(zero2, tmp_pa
 
 
 def test_fp16_deepspeed_on_a_cpu_is_a_config_error():
+    """Refused before the process environment is touched (no launcher variables are set)."""
     from scale_runner.env import build_accelerator
     from scale_runner.errors import ConfigError
+    before = dict(os.environ)
     with pytest.raises(ConfigError, match="mixed_precision='fp16'.*bf16"):
         build_accelerator(dict(deepspeed=dict(zero_optimization=dict(stage=2)), mixed_precision='fp16'))
+    assert dict(os.environ) == before
 
 
 def test_zero_state_codec_refuses_classes_outside_its_allow_list():
