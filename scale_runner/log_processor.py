@@ -140,12 +140,7 @@ def build_log_processor(cfg: Any) -> LogProcessor:
         raise ConfigError(f'log_processor = {cfg!r} is not valid: it takes a dict, e.g. '
                           f"log_processor=dict(window_size=10, by_epoch=True)")
     cfg = dict(cfg)
-    for key in cfg:
-        if key not in KEYS:
-            near = did_you_mean(str(key), KEYS)
-            did = f' (did you mean log_processor.{near}?)' if near else ''
-            raise ConfigError(f'log_processor.{key} is not a log_processor key{did}: the keys are '
-                              f'{", ".join(k for k in KEYS if k != "type")}')
+    check_keys(cfg, KEYS, 'log_processor', 'a log_processor')
     kind = cfg.pop('type', 'LogProcessor')
     if kind not in ('LogProcessor', LogProcessor):
         raise ConfigError(f"log_processor.type = {kind!r} is not valid: only 'LogProcessor'")

@@ -14,11 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from test_resume import run_forked  # a forked training child, as the exact-resume tests use
 from conftest import pythonpath
 from stream_parts import write_shards
 
@@ -63,33 +63,6 @@ def _env(kill: str | None = None) -> dict:
     if kill:
         env['SR_KILL'] = kill
     return env
-
-
-def run_forked(cfg: dict, work: Path, kill: str | None = None, resume: bool = False) -> int:
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 1
-        try:
-            os.environ.pop('SR_KILL', None)
-            if kill:
-                os.environ['SR_KILL'] = kill
-            from accelerate.state import AcceleratorState, GradientState
-
-            from scale_runner import Config, Runner
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            runner = Runner.from_cfg(Config({**cfg, 'work_dir': str(work), 'resume': resume}))
-            runner.train()
-            runner.close()
-            code = 0
-        except BaseException:  # noqa: BLE001 - the child reports every failure as its exit code
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def launch(cfg: dict, work: Path, nproc: int, kill: str | None = None,
