@@ -164,11 +164,11 @@ def check_zero_resume(runner, meta: dict, rank_state: dict, path: str, change: s
                               f'is laid out for the saved number of processes, so resume with '
                               f'{meta.get("world_size")} processes and the same batch size{fresh}')
     if meta.get('zero_inside_window'):
-        raise CheckpointError(f'{path} was saved inside a gradient-accumulation window (after '
-                              f'iteration {(runner.state.iter or "?")}): DeepSpeed keeps the '
-                              f'window\'s partial gradients in its own buckets, which are not '
-                              f'saved; resume from a checkpoint at a window boundary (an '
-                              f'iteration divisible by optim_wrapper.accumulative_counts){fresh}')
+        raise CheckpointError(f'{path} was saved inside a gradient-accumulation window: '
+                              f'DeepSpeed keeps the window\'s partial gradients in its own '
+                              f'buckets, which are not saved; resume from a checkpoint at a '
+                              f'window boundary (an iteration divisible by '
+                              f'optim_wrapper.accumulative_counts){fresh}')
     if 'zero' not in rank_state:
         raise CheckpointError(f'{path} holds no ZeRO optimizer partition for rank '
                               f'{runner.accelerator.process_index}{fresh}')
