@@ -215,11 +215,17 @@ def build_dataloader(cfg: Any, *, seed: int = 0, rank: int = 0, where: str = 'da
                                         'worker_init_fn'))
 
 
+def streaming():
+    """``scale_runner.streaming`` once a stream was built, else None: a run without one never
+    imports it (nor numpy and torchdata with it)."""
+    return sys.modules.get('scale_runner.streaming')
+
+
 def _streamed(dataset: Any) -> bool:
     """A ``streaming=True`` dataset config, or a built stream (``scale_runner.streaming``)."""
     if isinstance(dataset, dict):
         return bool(dataset.get('streaming'))
-    stream = sys.modules.get('scale_runner.streaming')  # imported once a stream was built
+    stream = streaming()
     return stream is not None and isinstance(dataset, stream.StreamDataset)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .data import get_sampler, set_epoch
+from .data import get_sampler, set_epoch, streaming
 from .checks import bad_value
 from .errors import ConfigError
 from .model import eval_step, train_step, train_step_of
@@ -41,7 +41,7 @@ def preserved_rng():
 
 def _stream(loader) -> bool:
     """A streamed loader (``scale_runner.streaming``, imported only once one is built)."""
-    stream = sys.modules.get('scale_runner.streaming')
+    stream = streaming()
     return stream is not None and stream.is_stream(loader)
 
 

@@ -257,8 +257,8 @@ def restore_state(runner, ckpt: dict) -> None:
 
 def _stream_call(name: str, *args):
     """``scale_runner.streaming.<name>(*args)`` if a stream was ever built (else None)."""
-    import sys
-    stream = sys.modules.get('scale_runner.streaming')
+    from ..data import streaming
+    stream = streaming()
     return getattr(stream, name)(*args) if stream is not None else None
 
 
