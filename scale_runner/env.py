@@ -59,9 +59,21 @@ def accelerator_kwargs(cfg: dict, accumulative_counts: int = 1) -> dict:
     if ddp:
         from accelerate.utils import DistributedDataParallelKwargs
         handlers.append(_build(DistributedDataParallelKwargs, ddp, 'accelerator'))
-    if cfg.get('timeout') is not None:
+    group = {}
+    if cfg.get('timeout'):
+        # accelerator.timeout bounds a rank without progress (scale_runner.watchdog); the
+        # backend's own timeout, twice that, is the last resort where the watchdog does not look
+        group['timeout'] = datetime.timedelta(seconds=2 * float(cfg['timeout']))
+    from .elastic import restart_init_method
+    if restart_init_method() is not None:  # a restarted worker: a fresh store namespace
+        group['init_method'] = restart_init_method()
+    if group:
         from accelerate.utils import InitProcessGroupKwargs
-        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=float(cfg['timeout']))))
+        given = next((h for h in handlers if isinstance(h, InitProcessGroupKwargs)), None)
+        if given is None:
+            handlers.append(InitProcessGroupKwargs(**group))
+        elif given.init_method is None and 'init_method' in group:
+            given.init_method = group['init_method']
     if handlers:
         kwargs['kwargs_handlers'] = handlers
     if cfg.get('fsdp') is not None:

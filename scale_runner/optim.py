@@ -65,6 +65,7 @@ class OptimWrapper:
         self._direct = None  # ... and when update_params may call it itself (set by bind)
         # Set by NanGuardHook: guard(loss) -> False drops this update (raises in 'raise' mode).
         self.loss_guard = None
+        self.loss_clock = None  # IterTimerHook's stamp of the loss's arrival (several processes)
         self._drop_window = False  # a bad loss was seen in the current accumulation window
         self._sharded = None  # the FSDP2-sharded module, whose optimizer state is gathered to save
 
@@ -159,6 +160,8 @@ class OptimWrapper:
         a window, and backward/step/zero_grad call torch themselves (what the methods do there,
         less a Python call each: this runs between kernels, where each call costs).
         """
+        if self.loss_clock is not None:  # the forward pass ends here: each rank's own work
+            self.loss_clock()
         state = self.train_state
         state.stepped = False  # (the loop clears it too: a train_step may not come here)
         if self._drop_window or (self.loss_guard is not None and not self.loss_guard(loss)):

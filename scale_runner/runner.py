@@ -72,7 +72,8 @@ class Runner:
                           f"as MMEngine does (resume='auto' would use the latest checkpoint of "
                           f'work_dir and load_from only on a first run)', stacklevel=2)
             resume = load_from
-        self._resume = resolve_resume(resume)
+        from .elastic import resume_on_restart
+        self._resume = resume_on_restart(resolve_resume(resume), self.checkpoint_dir)
         if experiment_name is not None and not isinstance(experiment_name, str):
             raise ConfigError(f'experiment_name = {experiment_name!r} is not valid: it takes a string '
                               f'(the run directory name under work_dir) or None (a timestamp)')
@@ -272,7 +273,10 @@ class Runner:
             self._resume_if_asked()
             # MMEngine's call, for wrappers that count their own window (ours reads self.state)
             self.optim_wrapper.initialize_count_status(self.model, self.state.iter, self.state.max_iters)
-            self.train_loop.run()
+            from .watchdog import watch  # no rank waits silently for a stuck one
+            with watch(self, self._accelerator_cfg.get('timeout') if isinstance(self._accelerator_cfg, dict)
+                       else None):
+                self.train_loop.run()
             return self.train_loop.last_val_metrics
         finally:
             try:
@@ -382,7 +386,9 @@ class Runner:
             ckpt = read_checkpoint(self._resume, rank)
         restore_state(self, ckpt)
         self.call_hook('after_load_checkpoint', checkpoint=ckpt['state'])
-        self.logger.info(f'resumed from {ckpt["path"]} at epoch {self.epoch}, iter {self.iter}')
+        from .elastic import restart_count
+        restart = f' (restart {restart_count()} by the launcher)' if restart_count() else ''
+        self.logger.info(f'resumed from {ckpt["path"]} at epoch {self.epoch}, iter {self.iter}{restart}')
 
     # ---- hooks --------------------------------------------------------------------------------
     def register_hook(self, hook: Any, priority: int | str | None = None,

@@ -44,7 +44,7 @@ def test_accelerator_section_maps_onto_accelerate_objects():
     assert kw['dataloader_config'].even_batches is False and kw['dataloader_config'].split_batches
     ddp, pg = kw['kwargs_handlers']
     assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters
-    assert isinstance(pg, InitProcessGroupKwargs) and pg.timeout.total_seconds() == 120
+    assert isinstance(pg, InitProcessGroupKwargs) and pg.timeout.total_seconds() == 240  # 2 x the watchdog's
     assert isinstance(kw['fsdp_plugin'], FullyShardedDataParallelPlugin)
     assert kw['fsdp_plugin'].fsdp_version == 2  # FSDP2 by default
     ds = accelerator_kwargs(dict(deepspeed=dict(zero_optimization=dict(stage=2))), 4)['deepspeed_plugin']

@@ -27,6 +27,12 @@ class IterTimerHook(Hook):
 
     ``eta_seconds`` and ``memory_mb`` (peak ``torch.cuda.max_memory_allocated`` since the last
     call, in MiB; ``None`` off the GPU) are read by the LoggerHook when it writes a line.
+
+    Stragglers (several processes): ``compute_time`` is each rank's mean forward time (batch
+    ready to loss: the part of its own work in which DDP waits for no other rank; the backward
+    pass waits for the slowest rank's gradients, so ``time`` is the same everywhere). On a GPU
+    it is timed by CUDA events, read at the log line. :meth:`rank_spread` gathers every rank's
+    ``time``, ``data_time`` and ``compute_time`` once per log line (one small all-gather).
     """
 
     priority = 'NORMAL'
@@ -42,6 +48,7 @@ class IterTimerHook(Hook):
         self._test = _Window(0.0)
         self._rows = _unknown  # the batch-size reader, made for the first batch's structure
         self._tokens = False     # whether batches are dicts with input_ids
+        self._events = None      # CUDA events' class, when a multi-GPU run times compute_time
 
     # ---- train ------------------------------------------------------------------------------
     def before_train(self, runner) -> None:
@@ -50,12 +57,32 @@ class IterTimerHook(Hook):
         self._start_time = time.perf_counter()
         self._start_iter = runner.iter
         self._train = _Window(self._start_time)
+        wrapper = runner.optim_wrapper
+        if self._procs > 1 and hasattr(wrapper, 'loss_clock'):  # per-rank compute_time
+            wrapper.loss_clock = self._loss_stamp
+            device = getattr(runner.accelerator, 'device', None)
+            if device is not None and device.type == 'cuda':
+                import torch
+                self._events = torch.cuda.Event
+
+    def after_train(self, runner) -> None:
+        if getattr(runner.optim_wrapper, 'loss_clock', None) == self._loss_stamp:
+            runner.optim_wrapper.loss_clock = None
+        self._events = None
 
     def before_train_epoch(self, runner) -> None:
         self._train.resume(time.perf_counter())
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
         self._train.ready.append(time.perf_counter())
+        if self._events is not None:
+            self._train.gpu.append(_recorded(self._events))
+
+    def _loss_stamp(self) -> None:
+        train = self._train
+        if len(train.computed) == len(train.ends):  # the first loss of the iteration
+            train.computed.append(time.perf_counter() if self._events is None
+                                  else _recorded(self._events))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs=None) -> None:
         self._end(self._train, data_batch)
@@ -118,6 +145,24 @@ class IterTimerHook(Hook):
         if window is not None:
             window.clear()
 
+    def rank_spread(self, means: dict) -> dict:
+        """Every rank's ``time``, ``data_time`` and ``compute_time`` of this window (``means``,
+        this rank's), gathered on every rank: ``<figure>/rank_max``, ``/rank_min`` and
+        ``/slowest_rank`` (the rank of the maximum). Empty on one process."""
+        if self._procs < 2:
+            return {}
+        from ..collective import gather
+        mine = [means.get(k) for k in SPREAD_KEYS]
+        ranks = gather(mine)
+        out = {}
+        for i, key in enumerate(SPREAD_KEYS):
+            values = [(v[i], r) for r, v in enumerate(ranks) if v[i] is not None]
+            if len(values) == len(ranks):
+                high, low = max(values), min(values)
+                out.update({f'{key}/rank_max': high[0], f'{key}/rank_min': low[0],
+                            f'{key}/slowest_rank': high[1]})
+        return out
+
     # ---- read when a line is logged -------------------------------------------------------------
     def eta_seconds(self, runner) -> float:
         """Seconds left in training, from the mean iteration time of this run so far."""
@@ -146,12 +191,21 @@ class IterTimerHook(Hook):
         return int(peak // (1024 * 1024))
 
 
+SPREAD_KEYS = ('time', 'data_time', 'compute_time')
+
+
+def _recorded(event_class):
+    event = event_class(enable_timing=True)
+    event.record()
+    return event
+
+
 class _Window:
     """One mode's iterations since its last logged line: when each batch was ready, when each
     iteration ended, the batch sizes and token counts. Iteration ``i`` starts where ``i - 1``
     ended, unless the loop was left in between (``resume``)."""
 
-    __slots__ = ('start', 'ready', 'ends', 'samples', 'tokens', 'resumed')
+    __slots__ = ('start', 'ready', 'ends', 'samples', 'tokens', 'resumed', 'computed', 'gpu')
 
     def __init__(self, start: float):
         self.start = start
@@ -160,6 +214,8 @@ class _Window:
         self.samples: list[int] = []
         self.tokens: list = []
         self.resumed: dict[int, float] = {}
+        self.computed: list = []  # when each iteration's loss arrived (compute_time)
+        self.gpu: list = []       # CUDA events at each batch's arrival, on a GPU
 
     def resume(self, stamp: float) -> None:
         """The next iteration starts at ``stamp`` (not where the previous one ended)."""
@@ -169,6 +225,7 @@ class _Window:
         n = len(self.ends)
         self.start = self.resumed.get(n, self.ends[-1] if n else self.start)
         self.ready = self.ready[n:]  # a batch that is ready but not yet finished stays
+        self.computed, self.gpu = self.computed[n:], self.gpu[n:]
         self.ends, self.samples, self.tokens, self.resumed = [], [], [], {}
 
     def means(self, procs: int) -> dict:
@@ -190,7 +247,16 @@ class _Window:
         if self.tokens:
             from ..logs import to_floats
             out['tokens_per_s'] = sum(to_floats(self.tokens)) * procs / busy
+        if len(self.computed) >= n:
+            out['compute_time'] = self._compute(n) / n
         return out
+
+    def _compute(self, n: int) -> float:
+        """Seconds from each batch's arrival to its loss, over the first ``n`` iterations."""
+        if not self.gpu:
+            return sum(loss - ready for ready, loss in zip(self.ready[:n], self.computed[:n]))
+        self.computed[n - 1].synchronize()  # the log line's one wait for the device
+        return sum(a.elapsed_time(b) for a, b in zip(self.gpu[:n], self.computed[:n])) / 1000
 
 
 def _num_processes(runner) -> int:

@@ -34,15 +34,27 @@ class LoggerHook(Hook):
     values (validation as ``val/<metric>``, test as ``test/<metric>``). ``progress_bar``:
     ``None`` = on an interactive terminal only (see ``scale_runner.progress``).
     ``log_metric_by_epoch`` is accepted for MMEngine configs; steps are always train iterations.
+
+    Stragglers, with several processes: every line also records the slowest and the fastest
+    rank's mean ``time``, ``data_time`` and ``compute_time`` (``<figure>/rank_max``,
+    ``/rank_min``, ``/slowest_rank``, see ``IterTimerHook.rank_spread``) in ``scalars.jsonl``
+    and the trackers; the console line shows them for a figure whose spread exceeds
+    ``straggler_threshold`` (0.1: a tenth of the mean iteration time).
     """
 
     priority = 'BELOW_NORMAL'
 
     def __init__(self, interval: int = 50, by_epoch: bool | None = None, ignore_last: bool = True,
-                 log_metric_by_epoch: bool = True, progress_bar: bool | None = None):
+                 log_metric_by_epoch: bool = True, progress_bar: bool | None = None,
+                 straggler_threshold: float = 0.1):
+        from ..errors import ConfigError
         if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-            from ..errors import ConfigError
             raise ConfigError(f'default_hooks.logger.interval must be a positive int, got {interval!r}')
+        if (isinstance(straggler_threshold, bool) or not isinstance(straggler_threshold, (int, float))
+                or straggler_threshold < 0):
+            raise ConfigError(f'default_hooks.logger.straggler_threshold must be a number >= 0 (a '
+                              f'fraction of the iteration time), got {straggler_threshold!r}')
+        self.straggler_threshold = straggler_threshold
         self.interval = interval
         self.by_epoch = by_epoch
         self.ignore_last = ignore_last
@@ -147,6 +159,7 @@ class LoggerHook(Hook):
         values: dict[str, Any] = {k: v[0] for k, v in runner.optim_wrapper.get_lr().items()}
         means = buf.means('train')
         buf.clear_window('train')
+        spread = timer.rank_spread(means) if timer is not None else {}  # every rank, collective
         for key in FIRST_KEYS[2:6]:
             if key in means:
                 values[key] = means.pop(key)
@@ -171,8 +184,9 @@ class LoggerHook(Hook):
             else:
                 head = f'Iter(train) [{runner.iter:>{len(str(runner.max_iters))}}/{runner.max_iters}]'
             eta = timer.eta_seconds(runner) if timer is not None else None
-            runner.logger.info(f'{head}  {format_values(values, eta, digits=_digits(runner))}')
-        self._emit(runner, values)
+            shown = {**values, **stragglers(spread, values.get('time'), self.straggler_threshold)}
+            runner.logger.info(f'{head}  {format_values(shown, eta, digits=_digits(runner))}')
+        self._emit(runner, {**values, **spread})
 
     # ---- val / test ---------------------------------------------------------------------------
     def before_val(self, runner) -> None:
@@ -245,7 +259,7 @@ class LoggerHook(Hook):
             except (TypeError, ValueError):
                 continue
             if math.isfinite(v):
-                scalars[k] = int(v) if k == 'memory' else v
+                scalars[k] = int(v) if k == 'memory' or k.endswith('/slowest_rank') else v
         if not scalars:
             return
         step = runner.iter
@@ -264,6 +278,17 @@ class LoggerHook(Hook):
         if self._file is not None:
             self._file.flush()
             self._flushed = time.monotonic()
+
+
+def stragglers(spread: dict, time_: float | None, threshold: float) -> dict:
+    """The figures of ``spread`` whose max - min exceeds ``threshold`` x the iteration time."""
+    out = {}
+    for key in ('time', 'data_time', 'compute_time'):
+        high, low = spread.get(f'{key}/rank_max'), spread.get(f'{key}/rank_min')
+        if high is not None and time_ and high - low > threshold * time_:
+            out[f'{key}/rank_max'], out[f'{key}/rank_min'] = high, low
+            out[f'{key}/slowest_rank'] = int(spread[f'{key}/slowest_rank'])
+    return out
 
 
 def _eval_loader(runner, mode: str):
