@@ -165,6 +165,21 @@ def build_accelerator(cfg: Any, accumulative_counts: int = 1):
     return accelerator
 
 
+def enable_flight_recorder(work_dir: Path) -> None:
+    """Turn on NCCL's flight recorder unless the environment decided: the last 2,000
+    collectives of every rank are kept, and a rank whose collective times out writes them to
+    ``<work_dir>/nccl_trace/rank_<N>`` (read with ``python -m torch.distributed.flight_recorder
+    .fr_trace``). Only on a CUDA machine, before the process group exists."""
+    import torch
+    if not torch.cuda.is_available():
+        return
+    os.environ.setdefault('TORCH_NCCL_TRACE_BUFFER_SIZE', '2000')
+    os.environ.setdefault('TORCH_NCCL_DUMP_ON_TIMEOUT', '1')
+    if 'TORCH_NCCL_DEBUG_INFO_TEMP_FILE' not in os.environ:
+        (work_dir / 'nccl_trace').mkdir(parents=True, exist_ok=True)
+        os.environ['TORCH_NCCL_DEBUG_INFO_TEMP_FILE'] = str(work_dir / 'nccl_trace' / 'rank_')
+
+
 def _single_process_env() -> None:
     """What ``torchrun --nproc_per_node 1`` would set, for a run started without a launcher."""
     import socket

@@ -133,8 +133,9 @@ class Runner:
     # ---- environment ------------------------------------------------------------------------
     def setup_env(self) -> None:
         """Create the Accelerator (distributed init) and seed every RNG."""
-        from .env import build_accelerator, check_randomness, set_randomness
+        from .env import build_accelerator, check_randomness, enable_flight_recorder, set_randomness
         randomness = check_randomness(self._randomness_cfg)
+        enable_flight_recorder(self.work_dir)
         optim = self._parts['optim_wrapper']
         counts = (optim.get('accumulative_counts', 1) if isinstance(optim, dict)
                   else getattr(optim, 'accumulative_counts', 1))
