@@ -82,7 +82,7 @@ class Watchdog:
         self._target = threading.get_ident()  # the training thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name='scale_runner-watchdog', daemon=True)
-        self._store = _store()
+        self._store = None  # connected by the thread: a slow connection never delays training
         from .elastic import restart_count
         self._prefix = (f'scale_runner/watchdog/{os.environ.get("TORCHELASTIC_RUN_ID", "")}/'
                         f'{restart_count()}/')
@@ -97,6 +97,7 @@ class Watchdog:
 
     # ---- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        self._store = _store()
         state = self.runner.state
         first_iter = state.iter
         last, changed = None, time.monotonic()

@@ -145,7 +145,8 @@ def test_restart_resumes_exactly_under_other_launch_settings(tmp_path, reference
 
 def test_diagnosis_names_late_and_silent_ranks():
     from scale_runner.watchdog import diagnose
-    rec = lambda it, phase, wait, seq, user=None: dict(iter=it, phase=phase, wait=wait, seq=seq, user=user)  # noqa
+    def rec(it, phase, wait, seq, user=None):
+        return dict(iter=it, phase=phase, wait=wait, seq=seq, user=user)
     # rank 2 is an iteration behind; rank 3 stopped reporting (its record did not change)
     first = {0: rec(9, 'the preemption check', True, 5), 1: rec(9, 'the preemption check', True, 5),
              2: rec(8, 'the train loop', False, 5, 'slow_hook (x.py:3)'), 3: rec(9, 'x', True, 4)}

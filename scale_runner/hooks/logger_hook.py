@@ -273,7 +273,6 @@ class LoggerHook(Hook):
             self._flush()
         self._trackers.log(runner, scalars, step)
 
-
     def _flush(self) -> None:
         if self._file is not None:
             self._file.flush()
