@@ -190,7 +190,7 @@ def describe(frame) -> dict:
     package named by :data:`PHASES`, or of torch's in :data:`TORCH_COLLECTIVES`); ``wait``,
     whether that is a wait for the other ranks; ``user``, the innermost user-code frame; and
     ``long``, whether a long phase (:data:`LONG_PHASES`) is running."""
-    ours = torch = user = None
+    ours = wait = torch = user = None
     long = False
     while frame is not None:
         code = frame.f_code
@@ -199,14 +199,17 @@ def describe(frame) -> dict:
         if path.startswith(_PACKAGE):
             long = long or name in LONG_PHASES
             ours = ours or (name if name in PHASES else None)
+            wait = name if name in COLLECTIVES else wait  # the outermost: the runner's own name
         elif path.startswith(_LIBRARIES):
             if torch is None and name in TORCH_COLLECTIVES and f'{os.sep}torch{os.sep}' in path:
                 torch = name
         elif user is None and not path.startswith('<'):
             user = f'{name} ({Path(path).name}:{frame.f_lineno})'
         frame = frame.f_back
-    if ours in COLLECTIVES or (ours is not None and torch is None):  # the runner's own name for it
-        phase, wait = PHASES[ours], ours in COLLECTIVES
+    if wait is not None:
+        phase, wait = COLLECTIVES[wait], True
+    elif ours is not None and torch is None:
+        phase, wait = PHASES[ours], False
     elif torch is not None:  # a collective of torch's inside a runner phase or user code
         phase, wait = TORCH_COLLECTIVES[torch] + (f' in {PHASES[ours]}' if ours else ''), True
     else:
@@ -237,6 +240,10 @@ def diagnose(records: dict, earlier: dict, world: int, timeout: float, me: int =
         rec = alive[waiting[0]]
         head = (f'rank{"s" if len(late) > 1 else ""} {", ".join(map(str, late))} did not reach '
                 f'{rec["phase"]} after iteration {rec["iter"]} within {timeout:g} s')
+    elif len({rec['phase'] for rec in alive.values()}) > 1:
+        low = min(alive.values(), key=_iter)['iter']
+        head = (f'the ranks wait in different collectives after iteration {low} for {timeout:g} s '
+                f'(a collective that only some ranks entered?)')
     elif alive:
         rec = alive[min(alive)]
         head = f'no rank made progress for {timeout:g} s after iteration {rec["iter"]}, in {rec["phase"]}'
@@ -252,6 +259,10 @@ def diagnose(records: dict, earlier: dict, world: int, timeout: float, me: int =
             lines.append(f'rank {r}: after iteration {alive[r]["iter"]}, {_at(alive[r])}')
     return (f'{head}. Every rank stops now (exit code {EXIT_CODE}; the bound is '
             f'accelerator.timeout={timeout:g} s).\n  ' + '\n  '.join(lines))
+
+
+def _iter(record: dict) -> int:
+    return record['iter']
 
 
 def _store():

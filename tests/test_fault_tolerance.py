@@ -121,6 +121,25 @@ def test_hanging_rank_stops_every_rank_within_the_timeout(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('fault, expected', [
+    ('hang:0:6', ['rank 0 did not reach ', 'rank 0: after iteration 6, in the train loop',
+                  'FaultHook.before_train_iter']),
+    ('collective:0:6', ['the ranks wait in different collectives after iteration 6',
+                        'rank 0: after iteration 6, in a torch.distributed all_reduce',
+                        'FaultHook.after_train_iter'])], ids=['main_hangs', 'lone_collective'])
+def test_other_hangs_are_named(tmp_path, fault, expected):
+    """The main process itself stuck in user code (its watchdog thread still reports), and a
+    collective entered by rank 0 only."""
+    work = tmp_path / 'work'
+    work.mkdir()
+    proc = _launch(work, 'accelerator.timeout=4', fault=fault, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert out.count('exitcode  : 124') == 2, out[-3000:]
+    for text in expected:
+        assert text in out, out[-3000:]
+
+
+@pytest.mark.slow
 def test_hanging_rank_restarts_and_resumes_exactly(tmp_path, reference):
     work = tmp_path / 'work'
     work.mkdir()
@@ -145,6 +164,7 @@ def test_restart_resumes_exactly_under_other_launch_settings(tmp_path, reference
 
 def test_diagnosis_names_late_and_silent_ranks():
     from scale_runner.watchdog import diagnose
+
     def rec(it, phase, wait, seq, user=None):
         return dict(iter=it, phase=phase, wait=wait, seq=seq, user=user)
     # rank 2 is an iteration behind; rank 3 stopped reporting (its record did not change)
@@ -156,6 +176,10 @@ def test_diagnosis_names_late_and_silent_ranks():
     assert msg.startswith('ranks 2, 3 did not reach the preemption check after iteration 9 within 60 s')
     assert 'rank 2: after iteration 8, in the train loop, in slow_hook (x.py:3)' in msg
     assert 'rank 3: not reporting (its process died, or is frozen); last seen after iteration 9' in msg
+    # waiting in different collectives: one that only some ranks entered
+    odd = {0: rec(3, 'a torch.distributed all_reduce', True, 2), 1: rec(3, 'the preemption check', True, 2)}
+    assert diagnose(odd, {r: {**v, 'seq': 1} for r, v in odd.items()}, 2, 5).startswith(
+        'the ranks wait in different collectives after iteration 3 for 5 s')
     # every rank in the same collective: nobody is named late
     same = {r: rec(3, 'a gather of every rank', True, 2) for r in range(2)}
     assert diagnose(same, {r: rec(3, 'a gather of every rank', True, 1) for r in range(2)}, 2, 5).startswith(

@@ -5,7 +5,8 @@ attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a restarted job runs cle
 
 - ``kill``: SIGKILL the process after iteration ``iter`` (before it is checkpointed);
 - ``hang``: sleep forever before iteration ``iter + 1`` (user code that never returns);
-- ``slow``: sleep ``arg`` seconds in every forward pass from iteration ``iter`` on (a straggler).
+- ``slow``: sleep ``arg`` seconds in every forward pass from iteration ``iter`` on (a straggler);
+- ``collective``: enter an all-reduce after iteration ``iter`` that the other ranks never enter.
 """
 
 import os
@@ -43,6 +44,11 @@ class FaultHook(Hook):
         for f in self._mine(runner, 'kill'):
             if runner.iter == int(f[2]):
                 os.kill(os.getpid(), signal.SIGKILL)
+        for f in self._mine(runner, 'collective'):
+            if runner.iter == int(f[2]):
+                import torch
+                import torch.distributed as dist
+                dist.all_reduce(torch.ones(3))
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         for f in self._mine(runner, 'hang'):
