@@ -7,13 +7,16 @@ forever. Each rank runs a :class:`Watchdog` thread during training. The training
 nothing for it: every ``poll`` seconds the thread samples the training thread's iteration
 counter and innermost frame, and publishes them, with what the runner is doing there, to the
 launcher's key-value store (``MASTER_ADDR:MASTER_PORT``). When neither has changed for
-``timeout`` seconds on a rank, that rank ends its process with :data:`EXIT_CODE`; the main
-process first reads every rank's record and logs which rank(s) did not arrive, at which
-iteration, and where each rank was, e.g.::
+``timeout`` seconds on some rank, the main process reads every rank's record and logs which
+rank(s) did not arrive, after which iteration, and where each rank is; then every rank ends its
+process with :data:`EXIT_CODE` (a rank that hears nothing from the main process ends a few
+polls later). For example::
 
-    no progress for 60 s at iteration 57: rank 1 did not reach the backward pass (its gradient
-    all-reduce) (rank 1 is at iteration 56, in FaultHook.before_train_iter (fault_parts.py:52));
-    rank 0 waits in the backward pass (its gradient all-reduce) ...
+    rank 1 did not reach the preemption check after iteration 56 within 60 s. Every rank stops now
+    (exit code 124; the bound is accelerator.timeout=60 s).
+      rank 0: after iteration 56, in the preemption check
+      rank 1: after iteration 56, in the train loop (data loading or a hook), in
+        MyHook.after_train_iter (my_hooks.py:12)
 
 The bound holds from the first completed iteration on (a first step that compiles may take
 long) and is not applied while a rank saves or loads a checkpoint or computes metrics
