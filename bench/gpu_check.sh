@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # GPU checks that CPU machines cannot run: short trainings through the CLI with fp32, bf16,
 # fp16 (grad scaler + skipped-steps counter), FSDP2 (1 process) and DeepSpeed ZeRO-2
-# (1 process), and exact resume (bit-identical weights) for fp32 and FSDP2. Prints PASS/FAIL
-# and samples/s for each; exits 1 if any failed. Under 5 minutes on one H100 (each run has a
-# 120 s timeout).
+# (1 process), and exact resume (bit-identical weights) for fp32 and FSDP2; then the LM
+# benchmark bench/gpu_lm.py (a 124M GPT in bf16: hand-written Accelerate loop vs scale_runner,
+# eager, torch.compile'd and FSDP2; tokens/s, MFU, peak memory, PASS when scale_runner reaches
+# >= 0.98x the loop's tokens/s at <= 1.02x its memory). Prints one summary table; exits 1 if
+# any failed. The trainings take under 5 minutes on one H100 (120 s timeout each), the
+# benchmark about 5 more (GPU_LM_TIMEOUT, 900 s).
 #
 #   bash bench/gpu_check.sh            # from the repository root
 #   PYTHON=/path/to/python bash bench/gpu_check.sh
 #   GPU_CHECK_ONLY="fsdp fsdp-resume zero2" bash bench/gpu_check.sh   # some checks only
+#   GPU_CHECK_ONLY=gpu_lm GPU_LM_ARGS="--reps 2 --batch 16" bash bench/gpu_check.sh
+#   GPU_CHECK_ONLY=gpu_lm GPU_LM_ARGS="--device cpu --tiny --variants loop,runner" bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -132,6 +137,36 @@ elif "$PY" -c "import deepspeed" 2>/dev/null; then
         --main_process_port 29512 --
 else
     fail zero2 "deepspeed is not installed: pip install deepspeed"
+fi
+
+# gpu_lm: one summary row per variant (the runner rows PASS or FAIL against the goal)
+if wanted gpu_lm; then
+    start=$SECONDS
+    read -r -a LM_ARGS <<< "${GPU_LM_ARGS:-}"
+    if timeout "${GPU_LM_TIMEOUT:-900}" "$PY" bench/gpu_lm.py --reps 1 --json "$OUT/gpu_lm.json" \
+            "${LM_ARGS[@]}" >"$OUT/gpu_lm.out" 2>&1; then
+        rows=$("$PY" - "$OUT/gpu_lm.json" "$((SECONDS - start))" <<'PYEOF'
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    name = f"gpu_lm:{r['variant']}"
+    if r.get('failed'):
+        print(f'FAIL  {name:<21} the run failed (see gpu_lm.out)')
+        continue
+    mfu = f"MFU {r['mfu']:.3f}" if r['mfu'] is not None else 'MFU -'
+    mem = f"{r['peak_mib']:.0f} MiB" if r['peak_mib'] is not None else '- MiB'
+    head = 'PASS' if r.get('meets_goal', True) else 'FAIL'
+    mem_x = f"{r['memory_ratio']:.3f}x" if r.get('memory_ratio') else '-'
+    vs = f"  {r['tokens_ratio']:.3f}x tokens/s, {mem_x} memory of {r['vs']}" if 'vs' in r else ''
+    print(f"{head}  {name:<21} {sys.argv[2]}s  {r['tokens_per_s']:10.0f} tokens/s  {mfu}  {mem}{vs}")
+PYEOF
+        )
+        while IFS= read -r line; do
+            RESULTS+=("$line")
+            [[ "$line" == FAIL* ]] && FAILED=1
+        done <<< "$rows"
+    else
+        fail gpu_lm "exit after $((SECONDS - start))s: $(grep -v '^\s*$' "$OUT/gpu_lm.out" | tail -n 1)"
+    fi
 fi
 
 echo

@@ -46,6 +46,7 @@ COLLECTIVES = {
     'OptimWrapper.step': 'the optimizer step',
     'IterTimerHook.rank_spread': "the log line's gather of per-rank times",
     'NanGuardHook.check': "the NaN guard's loss check",
+    'NanGuardHook.flag': "the NaN guard's flag all-reduce",
     'from_main': 'a broadcast from the main process',
     'gather': 'a gather of every rank',
     'agree_max': 'an agreement of the ranks',

@@ -97,6 +97,13 @@ class CharTransformerLM(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of ``seq_len``-token sequences, ``6 N + 12 L d s`` (read by
+        IterTimerHook for ``mfu``; see :mod:`scale_runner.flops`)."""
+        from ..flops import matmul_params, transformer_flops_per_token
+        return transformer_flops_per_token(matmul_params(self), len(self.blocks),
+                                           self.tok.embedding_dim, seq_len)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_) -> dict:
         t = input_ids.shape[1]
         if t > self.block_size:

@@ -19,6 +19,12 @@ class IterTimerHook(Hook):
     - ``tokens_per_s``: when the batch is a dict with ``input_ids``: tokens (the
       ``attention_mask`` sum if there is one, else ``input_ids.numel()``) over all processes /
       the window's time. The token counts stay device tensors until the line is logged.
+    - ``mfu`` (train): model FLOPs utilization, the window's training FLOPs (``input_ids.numel()``
+      x FLOPs per token, see :mod:`scale_runner.flops`) / its time / the device's peak dense
+      FLOP/s for the run's precision. Needs FLOPs per token (``flops_per_token``: a number, else
+      the model's ``flops_per_token(seq_len)``, else a ``transformers`` model's config) and a
+      peak (``mfu_peak_flops``: FLOP/s of one device, else the table for H100, H200, A100 and
+      L4 GPUs); without both, no ``mfu`` (on a CPU: only with ``mfu_peak_flops``).
 
     Per iteration it only appends two timestamps and the batch size: the means are computed
     when a line is written (per-step work runs with cold caches between torch kernels, so
@@ -37,7 +43,20 @@ class IterTimerHook(Hook):
 
     priority = 'NORMAL'
 
-    def __init__(self):
+    def __init__(self, flops_per_token: float | None = None, mfu_peak_flops: float | None = None):
+        for key, value in (('flops_per_token', flops_per_token), ('mfu_peak_flops', mfu_peak_flops)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0):
+                from ..errors import ConfigError
+                raise ConfigError(f'default_hooks.timer.{key} must be a positive number (or None: '
+                                  f"{'the model' if key == 'flops_per_token' else 'the GPU table'}"
+                                  f"'s), e.g. {key}={'6 * 124e6' if key == 'flops_per_token' else '989e12'}, "
+                                  f'got {value!r}')
+        self.flops_per_token = flops_per_token
+        self.mfu_peak_flops = mfu_peak_flops
+        self._peak = None        # peak FLOP/s of one device, when mfu is reported
+        self._fpt = None         # seq_len -> training FLOPs per token, when mfu is reported
+        self._seq, self._per_token = None, 0.0  # the last batch's sequence length, its FLOPs/token
         self._start_time = 0.0
         self._start_iter = 0
         self._eval_start = 0.0
@@ -57,6 +76,7 @@ class IterTimerHook(Hook):
         self._start_time = time.perf_counter()
         self._start_iter = runner.iter
         self._train = _Window(self._start_time)
+        self._mfu_setup(runner)
         wrapper = runner.optim_wrapper
         if self._procs > 1 and hasattr(wrapper, 'loss_clock'):  # per-rank compute_time
             wrapper.loss_clock = self._loss_stamp
@@ -86,6 +106,27 @@ class IterTimerHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs=None) -> None:
         self._end(self._train, data_batch)
+        if self._fpt is not None:
+            self._count_flops(data_batch)
+
+    def _mfu_setup(self, runner) -> None:
+        from ..flops import device_peak_flops, flops_per_token_fn
+        acc = runner.accelerator
+        self._peak = self.mfu_peak_flops or (device_peak_flops(getattr(acc, 'device', None),
+                                                               acc.mixed_precision) if acc else None)
+        self._fpt, self._seq = None, None
+        if self._peak and runner.model is not None:
+            from ..model import unwrap
+            self._fpt = flops_per_token_fn(unwrap(runner.model), self.flops_per_token)
+
+    def _count_flops(self, data_batch: Any) -> None:
+        ids = data_batch.get('input_ids') if isinstance(data_batch, dict) else None
+        shape = getattr(ids, 'shape', None)
+        if not shape:
+            return
+        if shape[-1] != self._seq:  # the per-token FLOPs of a new sequence length, once
+            self._seq, self._per_token = shape[-1], self._fpt(shape[-1])
+        self._train.flops.append(ids.numel() * self._per_token)
 
     # ---- val / test ---------------------------------------------------------------------------
     def before_val_epoch(self, runner) -> None:
@@ -138,7 +179,12 @@ class IterTimerHook(Hook):
 
     def window_means(self, mode: str) -> dict:
         window = self._window(mode)
-        return window.means(self._procs) if window is not None else {}
+        if window is None:
+            return {}
+        out = window.means(self._procs)
+        if window.flops and mode == 'train' and out.get('time'):  # this rank's FLOPs / its time
+            out['mfu'] = sum(window.flops) / (out['time'] * len(window.ends)) / self._peak
+        return out
 
     def clear_window(self, mode: str) -> None:
         window = self._window(mode)
@@ -205,7 +251,7 @@ class _Window:
     iteration ended, the batch sizes and token counts. Iteration ``i`` starts where ``i - 1``
     ended, unless the loop was left in between (``resume``)."""
 
-    __slots__ = ('start', 'ready', 'ends', 'samples', 'tokens', 'resumed', 'computed', 'gpu')
+    __slots__ = ('start', 'ready', 'ends', 'samples', 'tokens', 'resumed', 'computed', 'gpu', 'flops')
 
     def __init__(self, start: float):
         self.start = start
@@ -216,6 +262,7 @@ class _Window:
         self.resumed: dict[int, float] = {}
         self.computed: list = []  # when each iteration's loss arrived (compute_time)
         self.gpu: list = []       # CUDA events at each batch's arrival, on a GPU
+        self.flops: list = []     # each iteration's training FLOPs, when mfu is reported
 
     def resume(self, stamp: float) -> None:
         """The next iteration starts at ``stamp`` (not where the previous one ended)."""
@@ -226,7 +273,7 @@ class _Window:
         self.start = self.resumed.get(n, self.ends[-1] if n else self.start)
         self.ready = self.ready[n:]  # a batch that is ready but not yet finished stays
         self.computed, self.gpu = self.computed[n:], self.gpu[n:]
-        self.ends, self.samples, self.tokens, self.resumed = [], [], [], {}
+        self.ends, self.samples, self.tokens, self.resumed, self.flops = [], [], [], {}, []
 
     def means(self, procs: int) -> dict:
         n = len(self.ends)

@@ -14,14 +14,15 @@ from .hook import Hook
 FLUSH_SECONDS = 1.0  # scalars.jsonl lines a killed process can lose at most
 _json_key = json.encoder.encode_basestring_ascii  # a str as json.dumps writes it, quoted
 _POSITION = frozenset({'step', 'epoch', 'iter'})
-FIRST_KEYS = ('lr', 'eta', 'time', 'data_time', 'samples_per_s', 'tokens_per_s', 'memory')
+FIRST_KEYS = ('lr', 'eta', 'time', 'data_time', 'samples_per_s', 'tokens_per_s', 'mfu', 'memory')
 
 
 @HOOKS.register_module()
 class LoggerHook(Hook):
     """Every ``interval`` iterations (50 by default, as Lightning's ``log_every_n_steps``;
     MMEngine's is 10): the window mean (MMEngine's LogProcessor) of losses, times and
-    throughput, the current lr, the ETA and peak GPU memory. Lines read like MMEngine's::
+    throughput (and ``mfu``, see IterTimerHook), the current lr, the ETA and peak GPU memory.
+    Lines read like MMEngine's::
 
         Epoch(train) [2][ 40/100]  lr: 1.0000e-03  eta: 0:01:12  time: 0.0510  data_time: 0.0020  loss: 0.4123
         Iter(train) [ 400/5000]  lr: ...
@@ -160,7 +161,7 @@ class LoggerHook(Hook):
         means = buf.means('train')
         buf.clear_window('train')
         spread = timer.rank_spread(means) if timer is not None else {}  # every rank, collective
-        for key in FIRST_KEYS[2:6]:
+        for key in FIRST_KEYS[2:7]:  # time ... mfu: the IterTimerHook's
             if key in means:
                 values[key] = means.pop(key)
         memory = timer.memory_mb(runner) if timer is not None else None
