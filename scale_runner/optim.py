@@ -337,6 +337,31 @@ def _check_clip_grad(clip_grad: Any, where: str = 'optim_wrapper.clip_grad') -> 
     return clip_grad
 
 
+FUSED_TYPES = ('Adam', 'AdamW', 'SGD', 'Adagrad')
+
+
+def fused_on_gpu(cfg: Any, accelerator) -> Any:
+    """``cfg`` with ``optimizer.fused=True`` when the run is on a CUDA device (not under
+    DeepSpeed, which runs its own optimizer step), the optimizer is torch's Adam, AdamW, SGD or
+    Adagrad and the config chose neither ``fused`` nor ``foreach``: the fastest of torch's
+    implementations there (Hugging Face's Trainer defaults to it too), and one whose step takes
+    a ``found_inf`` flag, so NanGuardHook needs no per-step host read."""
+    opt = cfg.get('optimizer') if isinstance(cfg, dict) else None
+    if (not isinstance(opt, dict) or 'fused' in opt or 'foreach' in opt or accelerator is None
+            or getattr(accelerator.device, 'type', None) != 'cuda'
+            or accelerator.distributed_type == 'DEEPSPEED'):
+        return cfg
+    kind = opt.get('type')
+    if isinstance(kind, str):  # a registry name, or torch.optim.AdamW
+        torch_own = kind.rsplit('.', 1)[-1] in FUSED_TYPES and kind.startswith(('torch.optim.', *FUSED_TYPES))
+    else:
+        name = getattr(kind, '__name__', '')
+        torch_own = name in FUSED_TYPES and getattr(torch.optim, name, None) is kind
+    if not torch_own:
+        return cfg
+    return {**cfg, 'optimizer': {**opt, 'fused': True}}
+
+
 def build_optim_wrapper(cfg: Any, model: torch.nn.Module) -> OptimWrapper:
     """Build ``optim_wrapper=dict(optimizer=dict(type='AdamW', lr=...), clip_grad=..., ...)``.
 

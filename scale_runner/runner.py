@@ -252,11 +252,12 @@ class Runner:
             raise ConfigError(f'validation during training needs {", ".join(NEEDS["val"])}; missing: '
                               f'{", ".join(missing)} (or remove the others to train without it)')
         self._setup()
-        from .optim import build_optim_wrapper, updates_per_epoch
+        from .optim import build_optim_wrapper, fused_on_gpu, updates_per_epoch
         from .optim_wrapper_dict import wrappers_of
         from .schedulers import build_schedulers_for
         self.train_loop = self.build_train_loop(self._parts['train_cfg'])
-        self.optim_wrapper = build_optim_wrapper(self._parts['optim_wrapper'], self.model)
+        self.optim_wrapper = build_optim_wrapper(fused_on_gpu(self._parts['optim_wrapper'], self.accelerator),
+                                                 self.model)
         self.optim_wrapper.train_state = self.state  # its accumulation window is counted here
         self.param_schedulers = build_schedulers_for(
             self._param_scheduler_cfg, self.optim_wrapper,

@@ -280,3 +280,21 @@ def test_device_flag_values(device):
             guard.flag(torch.tensor([1.0, bad], dtype=dtype, device=device))  # non-scalar too
             guard.flag(torch.tensor(2.0, dtype=dtype, device=device))
             assert guard._found.item() == 1.0, (dtype, bad)
+
+
+def test_gpu_runs_default_to_fused_torch_optimizers():
+    """On a CUDA device the default (no fused/foreach chosen) is torch's fused step, the one
+    whose found_inf gate lets NanGuardHook skip its per-step host read; elsewhere the config
+    is left as written."""
+    import types
+    from scale_runner.optim import fused_on_gpu
+    gpu = types.SimpleNamespace(device=torch.device('cuda'), distributed_type='MULTI_GPU')
+    cpu = types.SimpleNamespace(device=torch.device('cpu'), distributed_type='NO')
+    deepspeed = types.SimpleNamespace(device=torch.device('cuda'), distributed_type='DEEPSPEED')
+    for kind in ('AdamW', 'torch.optim.SGD', torch.optim.Adam, 'Adagrad'):
+        cfg = dict(optimizer=dict(type=kind, lr=1e-3))
+        assert fused_on_gpu(cfg, gpu)['optimizer'] == dict(type=kind, lr=1e-3, fused=True)
+        assert fused_on_gpu(cfg, cpu) is cfg and fused_on_gpu(cfg, deepspeed) is cfg
+    for opt in (dict(type='AdamW', foreach=True), dict(type='AdamW', fused=False), dict(type='RMSprop'),
+                dict(type='my_pkg.AdamW'), dict(type=torch.optim.RMSprop)):
+        assert fused_on_gpu(dict(optimizer=opt), gpu) == dict(optimizer=opt)
