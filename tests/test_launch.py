@@ -77,3 +77,111 @@ def test_sbatch_derives_rank_address_and_port(tmp_path):
                         ACCELERATE_CONFIG='launch/fsdp.yaml')
     ns = launch_command_parser().parse_args([*args, 'train.py'])
     assert (ns.num_processes, ns.main_process_port, ns.config_file) == (24, 29400, 'launch/fsdp.yaml')
+
+
+# ---- the whole script against stub srun / scontrol / python (tests/parts/multinode_slurm.py) ---
+def _sbatch_job(tmp_path, *args, **env):
+    """Run train.sbatch as sbatch would on a 2-node allocation of 4 GPUs each; the stub python
+    stands for `accelerate launch` (no training). Returns (Popen, the stubs' record dir)."""
+    from multinode_slurm import write_stubs
+    stubs = write_stubs(tmp_path / 'bin', python=True)
+    record, submit = tmp_path / 'record', tmp_path / 'submit'
+    record.mkdir()
+    submit.mkdir()
+    full = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'STUB_'))}
+    full.pop('OMP_NUM_THREADS', None)
+    full.update(PATH=f'{stubs}{os.pathsep}{os.environ["PATH"]}', STUB_DIR=str(record),
+                STUB_HOSTS='gpu07 gpu08', SLURM_JOB_ID='123456', SLURM_NNODES='2',
+                SLURM_JOB_NODELIST='gpu[07-08]', SLURM_GPUS_ON_NODE='4', SLURM_SUBMIT_DIR=str(submit),
+                PYTHON=str(stubs / 'python'), **env)
+    proc = subprocess.Popen(['bash', str(SBATCH), 'configs/x.py', *args], env=full, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    return proc, record
+
+
+def _finish(proc, record, timeout=30):
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        from multinode_slurm import process_tree
+        for pid in reversed(process_tree(proc.pid)):
+            os.kill(pid, 9)
+        out = proc.communicate()[0]
+        pytest.fail(f'train.sbatch did not finish:\n{out}')
+    logs = ''.join(f'--- {p.name}\n{p.read_text()}' for p in sorted(record.glob('task*.log')))
+    return proc.returncode, out + logs
+
+
+def test_sbatch_runs_one_accelerate_launch_per_node_with_its_rank(tmp_path):
+    from accelerate.commands.launch import launch_command_parser
+    proc, record = _sbatch_job(tmp_path, '--cfg-options', 'a=1')
+    code, out = _finish(proc, record)
+    assert code == 0, out
+    srun = (record / 'srun.args').read_text().splitlines()
+    assert srun[:4] == ['--ntasks=2', '--ntasks-per-node=1', '--kill-on-bad-exit=1', 'bash'], srun
+    assert sorted(p.name for p in record.glob('node*')) == ['node0', 'node1']  # one launch per node
+    for node in (0, 1):
+        d = record / f'node{node}'
+        args = (d / 'args').read_text().splitlines()
+        assert args[:2] == ['-m', 'accelerate.commands.launch'], args
+        ns = launch_command_parser().parse_args(args[2:])  # Accelerate's own parser accepts them
+        assert (ns.num_machines, ns.machine_rank, ns.num_processes) == (2, node, 8)
+        assert ns.main_process_ip == 'gpu07'  # the first host of `scontrol show hostnames`
+        assert ns.main_process_port == 20000 + 123456 % 20000
+        assert (ns.rdzv_backend, ns.same_network) == ('static', True)
+        assert ns.config_file == 'launch/multi_gpu.yaml'
+        assert ns.module and ns.training_script == 'scale_runner'
+        assert ns.training_script_args == ['train', 'configs/x.py', '--cfg-options', 'a=1',
+                                           '--resume', 'auto']
+        env = dict(line.split('=', 1) for line in (d / 'env').read_text().splitlines() if '=' in line)
+        assert (env['SLURM_NODEID'], env['SLURM_PROCID']) == (str(node), str(node))
+        assert env['OMP_NUM_THREADS'] == '1'
+        # the preemption save's grace under the launcher, and NCCL's flight recorder
+        assert env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT'] == '110'
+        assert (env['TORCH_NCCL_TRACE_BUFFER_SIZE'], env['TORCH_NCCL_DUMP_ON_TIMEOUT']) == ('2000', '1')
+        assert (d / 'cwd').read_text().strip() == str(tmp_path / 'submit')
+        assert (d / 'usr1').read_text().strip() == "trap -- '' SIGUSR1"  # the launcher ignores it
+        assert (record / f'task{node}.exit').read_text().split() == ['0']
+    assert not (record / 'requeue').exists()  # the script never requeues: the runner does
+
+
+def test_sbatch_exits_with_a_failing_nodes_code_and_needs_a_config(tmp_path):
+    proc, record = _sbatch_job(tmp_path, STUB_EXIT='3')
+    code, out = _finish(proc, record)
+    assert code == 3, out
+    usage = subprocess.run(['bash', str(SBATCH)], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if not k.startswith('SLURM_')})
+    assert usage.returncode == 2 and 'usage: sbatch launch/slurm/train.sbatch CONFIG' in usage.stderr
+
+
+def test_sbatch_node_shells_outlive_their_launchers_on_sigusr1_and_sigterm(tmp_path):
+    """SLURM signals every process of the step: SIGUSR1 first (--signal=USR1@120; the launcher
+    ignores it), then SIGTERM (the time limit, scancel). Each node's task shell must wait for
+    its launcher, which takes 1 s to save: if the shell died first, SLURM would end the step
+    and SIGKILL the training processes in the middle of their save."""
+    import signal
+    import time
+
+    from multinode_slurm import process_tree, task_pids
+    proc, record = _sbatch_job(tmp_path, STUB_WAIT='1')
+    deadline = time.monotonic() + 30
+    while not all((record / f'node{n}' / 'ready').exists() for n in (0, 1)) or len(task_pids(record)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, _finish(proc, record)[1]
+        time.sleep(0.05)
+
+    def signal_step(sig):
+        for pid in [p for task in task_pids(record) for p in process_tree(task)]:
+            os.kill(pid, sig)
+    signal_step(signal.SIGUSR1)
+    time.sleep(0.5)
+    assert proc.poll() is None and not list(record.glob('task*.exit')), _finish(proc, record)[1]
+    signal_step(signal.SIGTERM)
+    code, out = _finish(proc, record)
+    assert code == 143, out
+    for node in (0, 1):
+        # the task ended after its launcher had saved, with the launcher's exit code
+        assert (record / f'task{node}.exit').read_text().split() == ['143', 'saved'], out
+        assert (record / f'node{node}' / 'signals').read_text().split() == ['TERM'], out
+        assert f'node {node}: SIGUSR1 received; the launcher exited with 143 after the runner ' \
+               'saved (and, for SIGUSR1, requeued job 123456)' in out, out

@@ -39,6 +39,23 @@ def test_signal_saves_at_next_iteration_and_exits_128_plus_signum(tmp_path, tmp_
     assert not (root / 'preempt_iter_5').exists()
 
 
+def test_sigterm_under_slurm_saves_without_a_requeue(tmp_path, parts_dir):
+    """scancel sends SIGTERM: the job saves and stops, and is not requeued (only SIGUSR1, the
+    time-limit warning, requeues), so a cancelled job stays cancelled."""
+    bindir = tmp_path / 'bin'
+    bindir.mkdir()
+    record = tmp_path / 'scontrol_args'
+    stub = bindir / 'scontrol'
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    cfg, work = make_cfg('iter'), tmp_path / 'work'
+    env = {'SR_SIGNAL': 'SIGTERM:4', 'SLURM_JOB_ID': '4242',
+           'PATH': f'{bindir}{os.pathsep}{os.environ["PATH"]}'}
+    assert run_forked(cfg, work, env=env) == 143
+    assert not record.exists()
+    assert (work / 'checkpoints' / 'latest').read_text().strip() == 'preempt_iter_4'
+
+
 def test_slurm_requeue_and_second_signal_during_save(tmp_path, tmp_path_factory, parts_dir):
     """Under SLURM the main process runs `scontrol requeue $SLURM_JOB_ID`; SIGTERM and SIGINT
     arriving while the checkpoint is written change nothing (exit code of the first signal)."""

@@ -7,9 +7,12 @@ only when there are several processes, over a CPU (gloo) group so that a GPU run
 for its device here; on one process the check is an attribute read), then
 all of them write ``preempt_iter_<N>`` together (the ``latest`` pointer moves to it), and
 exit with code ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1).
-Under SLURM (``SLURM_JOB_ID`` set) the main process first runs
+Under SLURM (``SLURM_JOB_ID`` set), for SIGUSR1 (``requeue_signals``: the warning that
+``--signal=USR1@N`` sends before the time limit) the main process first runs
 ``scontrol requeue $SLURM_JOB_ID``; the requeued job resumes with ``--resume`` (``resume=True``)
-and continues the step numbering from the checkpoint.
+and continues the step numbering from the checkpoint. SIGTERM (``scancel``, or a preemption,
+which SLURM requeues itself when its PreemptMode says so) saves and exits without a requeue, so
+a cancelled job stays cancelled (Lightning's rule).
 
 A signal after the last train iteration was checked — during the final validation or the
 final checkpoint — finds the training complete and saved: it is logged, the final validation
@@ -41,7 +44,8 @@ class Preempted(SystemExit):
 class PreemptionHook(Hook):
     """Checkpoint-and-exit on SIGTERM / SIGINT / SIGUSR1 (see the module docstring).
 
-    ``requeue``: run ``scontrol requeue $SLURM_JOB_ID`` when ``SLURM_JOB_ID`` is set.
+    ``requeue``: run ``scontrol requeue $SLURM_JOB_ID`` when ``SLURM_JOB_ID`` is set and the
+    signal is one of ``requeue_signals`` (SIGUSR1 by default).
     """
 
     # CheckpointHook runs one of these at the end of its after_train_iter (preemption=True, the
@@ -49,9 +53,11 @@ class PreemptionHook(Hook):
     # CheckpointHook, so a checkpoint that hook just wrote is not written twice.
     priority = 'LOWEST'
 
-    def __init__(self, signals: tuple | list = SIGNALS, requeue: bool = True):
-        self.signals = [getattr(signal, s) if isinstance(s, str) else signal.Signals(s) for s in signals]
+    def __init__(self, signals: tuple | list = SIGNALS, requeue: bool = True,
+                 requeue_signals: tuple | list = ('SIGUSR1',)):
+        self.signals = _signals(signals)
         self.requeue = requeue
+        self.requeue_signals = _signals(requeue_signals)
         self.signum = 0
         self._previous: dict = {}
         self._world = 1
@@ -137,13 +143,18 @@ class PreemptionHook(Hook):
                 for old in preempt_checkpoints(root):
                     if old.name != path.name:
                         shutil.rmtree(old, ignore_errors=True)
-        if self.requeue and os.environ.get('SLURM_JOB_ID') and runner.accelerator.is_main_process:
+        if (self.requeue and signum in self.requeue_signals and os.environ.get('SLURM_JOB_ID')
+                and runner.accelerator.is_main_process):
             _requeue(runner.logger, os.environ['SLURM_JOB_ID'])
         code = 128 + int(signum)
         runner.logger.warning(f'preempted by {name}: exiting with code {code}; resume with --resume '
                               f'(checkpoint {path})')
         runner.accelerator.wait_for_everyone()
         raise Preempted(code)
+
+
+def _signals(names) -> list:
+    return [getattr(signal, s) if isinstance(s, str) else signal.Signals(s) for s in names]
 
 
 def preempt_checkpoints(root: Path) -> list[Path]:
