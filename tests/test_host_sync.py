@@ -13,29 +13,13 @@ import pytest
 import torch
 from conftest import RegressionData
 from sr_models import PlainRegressor
+from test_hook_library import Poisoned  # a NaN loss at chosen forward calls
 
 from scale_runner import Hook, Runner
 from scale_runner.hooks import NanGuardHook, NonFiniteLossError
 
 READS = ('item', 'tolist', 'numpy', 'cpu', '__bool__', '__float__', '__int__', '__index__')
 LOG_EVERY = 10
-
-
-class Poisoned(PlainRegressor):
-    """A NaN loss on the training forward calls listed in ``bad`` (1-based); keeps the batches."""
-
-    def __init__(self, bad=()):
-        super().__init__()
-        self.bad, self.calls, self.batches = set(bad), 0, []
-
-    def forward(self, x, y=None):
-        out = super().forward(x, y)
-        if self.training:
-            self.calls += 1
-            self.batches.append((x.clone(), y.clone()))
-            if self.calls in self.bad:
-                out['loss'] = out['loss'] * math.nan
-        return out
 
 
 def fused_adamw(lr=0.05):

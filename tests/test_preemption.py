@@ -39,18 +39,23 @@ def test_signal_saves_at_next_iteration_and_exits_128_plus_signum(tmp_path, tmp_
     assert not (root / 'preempt_iter_5').exists()
 
 
-def test_sigterm_under_slurm_saves_without_a_requeue(tmp_path, parts_dir):
-    """scancel sends SIGTERM: the job saves and stops, and is not requeued (only SIGUSR1, the
-    time-limit warning, requeues), so a cancelled job stays cancelled."""
+def _scontrol_stub(tmp_path):
+    """A PATH whose ``scontrol`` records its arguments, and the record's path."""
     bindir = tmp_path / 'bin'
     bindir.mkdir()
     record = tmp_path / 'scontrol_args'
     stub = bindir / 'scontrol'
     stub.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    return f'{bindir}{os.pathsep}{os.environ["PATH"]}', record
+
+
+def test_sigterm_under_slurm_saves_without_a_requeue(tmp_path, parts_dir):
+    """scancel sends SIGTERM: the job saves and stops, and is not requeued (only SIGUSR1, the
+    time-limit warning, requeues), so a cancelled job stays cancelled."""
+    path, record = _scontrol_stub(tmp_path)
     cfg, work = make_cfg('iter'), tmp_path / 'work'
-    env = {'SR_SIGNAL': 'SIGTERM:4', 'SLURM_JOB_ID': '4242',
-           'PATH': f'{bindir}{os.pathsep}{os.environ["PATH"]}'}
+    env = {'SR_SIGNAL': 'SIGTERM:4', 'SLURM_JOB_ID': '4242', 'PATH': path}
     assert run_forked(cfg, work, env=env) == 143
     assert not record.exists()
     assert (work / 'checkpoints' / 'latest').read_text().strip() == 'preempt_iter_4'
@@ -59,15 +64,10 @@ def test_sigterm_under_slurm_saves_without_a_requeue(tmp_path, parts_dir):
 def test_slurm_requeue_and_second_signal_during_save(tmp_path, tmp_path_factory, parts_dir):
     """Under SLURM the main process runs `scontrol requeue $SLURM_JOB_ID`; SIGTERM and SIGINT
     arriving while the checkpoint is written change nothing (exit code of the first signal)."""
-    bindir = tmp_path / 'bin'
-    bindir.mkdir()
-    record = tmp_path / 'scontrol_args'
-    stub = bindir / 'scontrol'
-    stub.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
-    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    path, record = _scontrol_stub(tmp_path)
     cfg, work = make_cfg('iter'), tmp_path / 'work'
     env = {'SR_SIGNAL': 'SIGUSR1:4', 'SR_SIGNAL_IN_SAVE': 'SIGTERM,SIGINT',
-           'SLURM_JOB_ID': '4242', 'PATH': f'{bindir}{os.pathsep}{os.environ["PATH"]}'}
+           'SLURM_JOB_ID': '4242', 'PATH': path}
     assert run_forked(cfg, work, env=env) == 138
     assert record.read_text().split('\n')[0] == 'requeue 4242'
     root = work / 'checkpoints'
