@@ -126,6 +126,7 @@ def test_zero2_run_sigkilled_between_checkpoints_resumes_bit_identically(zero2, 
     _kill_and_resume(tmp_path, zero2, _options('2', 'no', '1'))
 
 
+@pytest.mark.slow  # 66 s on 2 cores; the default suite keeps the ZeRO-2 SIGKILL resume
 def test_zero3_bf16_accumulating_run_resumes_bit_identically_and_exports_fp32(tmp_path):
     """ZeRO-3 in bf16 with accumulative_counts=2 (the kill falls inside a window; the
     checkpoint it resumes from is at a window's end). Its weights are the fp32 master copy
@@ -181,6 +182,7 @@ def test_every_zero_stage_and_precision_resumes_bit_identically(tmp_path, stage,
     _kill_and_resume(tmp_path, straight, options)
 
 
+@pytest.mark.slow  # 29 s on 2 cores
 def test_a_checkpoint_inside_a_zero_accumulation_window_is_refused(zero2, tmp_path):
     """DeepSpeed keeps a window's partial gradients in its own buckets (not saved): resuming
     from a checkpoint inside a window says so and names the way out."""

@@ -49,7 +49,8 @@ def _epoch1(rows: list[dict]) -> list[int]:
     return sorted(i for r in rows if r['epoch'] == 0 for i in r['idx'])
 
 
-@pytest.mark.parametrize('before, after, first_iters', [(2, 1, 3), (1, 2, 4), (2, 3, 3)],
+@pytest.mark.parametrize('before, after, first_iters', [
+    (2, 1, 3), (1, 2, 4), pytest.param(2, 3, 3, marks=pytest.mark.slow)],  # 3 ranks: slow (suite time)
                          ids=['2to1', '1to2', '2to3'])
 def test_resume_on_another_number_of_processes_uses_every_sample_once(tmp_path, before, after,
                                                                      first_iters):
@@ -86,6 +87,7 @@ def _export(ckpt: Path, out: Path, *flags: str) -> dict:
     return load_file(out)
 
 
+@pytest.mark.slow  # 80 s on 2 cores; the default suite keeps test_sharding's FSDP2 resume
 def test_fsdp2_resumes_exactly_on_the_same_ranks_and_resharded_on_others(tmp_path):
     """FSDP2 (fully_shard from accelerator.fsdp) with a sharded EMA: a 2-rank run stopped at
     iteration 3 resumes bit for bit on 2 ranks (weights and EMA average, exported from the
