@@ -65,8 +65,9 @@ def accelerator_kwargs(cfg: dict, accumulative_counts: int = 1) -> dict:
         # backend's own timeout, twice that, is the last resort where the watchdog does not look
         group['timeout'] = datetime.timedelta(seconds=2 * float(cfg['timeout']))
     from .elastic import restart_init_method
-    if restart_init_method() is not None:  # a restarted worker: a fresh store namespace
-        group['init_method'] = restart_init_method()
+    init_method = restart_init_method()
+    if init_method is not None:  # a restarted worker: a fresh store namespace
+        group['init_method'] = init_method
     if group:
         from accelerate.utils import InitProcessGroupKwargs
         given = next((h for h in handlers if isinstance(h, InitProcessGroupKwargs)), None)

@@ -282,8 +282,9 @@ class LoggerHook(Hook):
 
 def stragglers(spread: dict, time_: float | None, threshold: float) -> dict:
     """The figures of ``spread`` whose max - min exceeds ``threshold`` x the iteration time."""
+    from .iter_timer_hook import SPREAD_KEYS
     out = {}
-    for key in ('time', 'data_time', 'compute_time'):
+    for key in SPREAD_KEYS:
         high, low = spread.get(f'{key}/rank_max'), spread.get(f'{key}/rank_min')
         if high is not None and time_ and high - low > threshold * time_:
             out[f'{key}/rank_max'], out[f'{key}/rank_min'] = high, low
