@@ -610,7 +610,7 @@ def dispatch_mode(steps: int, reps: int, calls: int = 100_000) -> None:
         print(f'{label:<40} {a:10.1f} {b:11.1f} {per_step_us:+9.3f} µs {per_step_us / plain_us:+15.2%}')
 
 
-def pieces_mode(steps: int) -> None:
+def pieces_mode(steps: int, defaults: bool = False) -> None:
     """Where scale_runner's per-step time goes, timed in place: every part of ``steps`` real
     iterations (after a warm-up) is stamped with ``perf_counter`` as the loop runs, so each part
     is measured with the caches as a real step leaves them (a hot micro-benchmark of the same
@@ -628,7 +628,7 @@ def pieces_mode(steps: int) -> None:
 
         def before_train(self, runner):
             model = _peers.mlp()
-            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+            opt = (torch.optim.SGD if defaults else torch.optim.AdamW)(model.parameters(), lr=LR)
             plain_batches = iter(_peers.loader(_peers.dataset(steps)))
             loop, state, call = runner.train_loop, runner.state, runner.call_hook
             step, ow = train_step_of(runner.model), runner.optim_wrapper
@@ -675,7 +675,7 @@ def pieces_mode(steps: int) -> None:
         pass
 
     try:
-        _scale_runner(_peers.dataset(2 * steps), Work(2 * steps), [Pieces()]).train()
+        _scale_runner(_peers.dataset(2 * steps), Work(2 * steps), [Pieces()], defaults=defaults).train()
     except _Done:
         pass
     warm = steps // 10
@@ -697,8 +697,8 @@ def main():
     p.add_argument('--pieces', action='store_true',
                    help="instead: each part of scale_runner's step, timed in place")
     p.add_argument('--defaults', action='store_true',
-                   help='with --paired: scale_runner as configured by nobody (iteration loop, SGD, '
-                        'default hooks, INFO; the baselines use SGD too)')
+                   help='with --paired or --pieces: scale_runner as configured by nobody (iteration '
+                        'loop, SGD, default hooks, INFO; the baselines use SGD too)')
     p.add_argument('--paired', action='store_true',
                    help='instead: scale_runner, plain and Accelerate loops in paired chunks in one process')
     p.add_argument('--flat', type=int, metavar='STEPS',
@@ -722,7 +722,7 @@ def main():
     elif args.dispatch:
         dispatch_mode(args.steps, args.reps)
     elif args.pieces:
-        pieces_mode(args.steps)
+        pieces_mode(args.steps, args.defaults)
     elif args.paired:
         paired_mode(args.steps, args.defaults)
     elif args.flat:

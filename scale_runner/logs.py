@@ -67,6 +67,7 @@ class LogBuffer:
 
     def __init__(self):
         self._windows: dict[str, dict[str, list]] = {}
+        self._rows: dict[str, list[dict]] = {}  # update_dict's dicts, split into keys when read
         self._sources: list = []
         self.current: dict[str, Any] = {}
 
@@ -78,16 +79,23 @@ class LogBuffer:
         self.current[key] = value
 
     def update_dict(self, values: dict, mode: str = 'train') -> None:
-        """``update`` for every item of ``values`` (one call per iteration, not one per key)."""
-        window = self._windows.get(mode)
-        if window is None:
-            window = self._windows[mode] = {}
-        for key, value in values.items():
-            try:
-                window[key].append(value)
-            except KeyError:
-                window[key] = [value]
+        """``update`` for every item of ``values``. Per step (the LoggerHook's call) it only
+        keeps the dict (not a copy): its keys are split into the window when a line is written."""
+        try:
+            self._rows[mode].append(values)
+        except KeyError:
+            self._rows[mode] = [values]
         self.current.update(values)
+
+    def _window(self, mode: str) -> dict[str, list]:
+        window = self._windows.setdefault(mode, {})
+        for values in self._rows.pop(mode, ()):
+            for key, value in values.items():
+                try:
+                    window[key].append(value)
+                except KeyError:
+                    window[key] = [value]
+        return window
 
     def add_source(self, source) -> None:
         if source not in self._sources:
@@ -95,7 +103,7 @@ class LogBuffer:
 
     def means(self, mode: str = 'train') -> dict[str, float]:
         """The mean of every key of the window (one device transfer for all tensor values)."""
-        window = self._windows.get(mode, {})
+        window = self._window(mode)
         keys = [k for k, v in window.items() if v]
         floats = to_floats([v for k in keys for v in window[k]])
         out, at = {}, 0
@@ -109,6 +117,7 @@ class LogBuffer:
 
     def clear_window(self, mode: str = 'train') -> None:
         self._windows.pop(mode, None)
+        self._rows.pop(mode, None)
         for source in self._sources:
             source.clear_window(mode)
 

@@ -254,10 +254,12 @@ class IterBasedTrainLoop(_TrainLoop):
         self._set_epoch(state.epoch)
         runner.call_hook('before_train_epoch')
         batches = self._batches()
+        validates = runner.val_loop is not None  # else no call per iteration to find it out
         while state.iter < state.max_iters and not self.stop_training:
             idx, data_batch = next(batches)
             self.train_iter(idx, data_batch)
-            self._validate_if_due(state.iter, state.max_iters)
+            if validates:
+                self._validate_if_due(state.iter, state.max_iters)
         runner.call_hook('after_train_epoch')
         runner.call_hook('after_train')
         return runner.model

@@ -270,6 +270,7 @@ class Runner:
         self.optim_wrapper.bind(self.accelerator, self.model)
         if all(val_parts) and self.val_loop is None:
             self.val_loop = self.build_eval_loop('val')
+        self._hook_cache.clear()  # a hook may implement a point or not depending on this run
         self.call_hook('before_run')
         try:
             self._resume_if_asked()
@@ -472,8 +473,9 @@ class Runner:
 
     def call_hook(self, fn_name: str, **kwargs) -> None:
         """Call ``fn_name`` on every hook that implements it, in priority order."""
-        fns = self._hook_cache.get(fn_name)
-        if fns is None:
+        try:  # a subscript, not a .get() call: this runs twice per step
+            fns = self._hook_cache[fn_name]
+        except KeyError:
             fns = self._hook_cache[fn_name] = [bind_point(h, fn_name, self) for h in self._hooks
                                                if h.overrides(fn_name)]
         for fn in fns:

@@ -251,3 +251,22 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     # the main log is written once; the other rank has its own file
     logs = sorted(p.name for p in (work / 'ddp').glob('*.log'))
     assert logs == ['ddp.log', 'ddp.rank1.log'], logs
+
+
+def test_a_run_without_deepspeed_does_not_import_it(tmp_path):
+    """Where DeepSpeed is installed but not used, training and checkpointing never import it
+    (Accelerate's ``get_state_dict`` would, through ``unwrap_model``: 0.45 s at the first save)."""
+    code = textwrap.dedent(f'''
+        import sys
+        from scale_runner import Config
+        from scale_runner.registry import RUNNERS
+        cfg = Config.fromfile({CONFIG!r})
+        cfg.merge_from_dict({{'work_dir': {str(tmp_path)!r}, 'train_cfg.max_epochs': 1,
+                              'train_dataloader.dataset.size': 256, 'val_dataloader.dataset.size': 64}})
+        RUNNERS.build(cfg).train()
+        print('IMPORTED' if 'deepspeed' in sys.modules else 'NOT_IMPORTED')
+    ''')
+    proc = _ok(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=pythonpath())))
+    assert list((tmp_path / 'checkpoints').glob('epoch_1')), proc.stderr[-2000:]
+    assert 'NOT_IMPORTED' in proc.stdout, proc.stdout[-2000:]

@@ -11,7 +11,7 @@ from conftest import PlainRegressor, RegressionData
 from scale_runner import ConfigError, Runner
 from scale_runner.hooks import (EarlyStoppingHook, EMAHook, EmptyCacheHook, Hook, NanGuardHook,
                                 NonFiniteLossError, ProfilerHook)
-from scale_runner.model import unwrap
+from scale_runner.model import run_forward, unwrap
 
 QUIET = dict(logger=None, timer=None, checkpoint=None)
 
@@ -349,6 +349,37 @@ def test_guard_config_and_removal(tmp_path, tiny_parts):
                                  val_cfg=None, val_dataloader=None, val_evaluator=None))
     runner.train()  # the guard removed: the NaN goes through
     assert not all(torch.isfinite(p).all() for p in model.parameters())
+    runner.close()
+
+
+class OwnStep(Poisoned):
+    """A train step of its own that steps the optimizer itself (no update_params)."""
+
+    def train_step(self, data, optim_wrapper):
+        loss = run_forward(self, data)['loss']
+        loss.backward()
+        optim_wrapper.optimizer.step()
+        optim_wrapper.optimizer.zero_grad()
+        return {'loss': loss.detach()}
+
+
+def test_guard_and_schedulers_are_called_per_iteration_only_when_they_have_work(tmp_path, tiny_parts):
+    """The built-in step checks every loss in update_params, and no scheduler is per iteration:
+    neither hook is called after each iteration. A train step of its own (the guard checks
+    its logged loss afterwards) or an iteration scheduler brings the call back."""
+    def per_iter(runner):
+        return {type(h).__name__ for h in runner.hooks if h.overrides('after_train_iter')}
+
+    runner = Runner(**tiny_parts(tmp_path / 'a', default_hooks=QUIET))
+    runner.train()
+    assert not per_iter(runner) & {'NanGuardHook', 'ParamSchedulerHook'}
+    runner.close()
+    runner = Runner(**tiny_parts(tmp_path / 'b', default_hooks=QUIET, model=OwnStep(bad={3}),
+                                 param_scheduler=dict(type='LinearLR', start_factor=0.5, by_epoch=False,
+                                                      end=4)))
+    with pytest.raises(NonFiniteLossError, match=r'iteration 3 \(epoch 1\) \[rank 0: NaN\]'):
+        runner.train()
+    assert {'NanGuardHook', 'ParamSchedulerHook'} <= per_iter(runner)
     runner.close()
 
 
