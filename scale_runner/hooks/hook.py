@@ -48,6 +48,9 @@ class Hook:
     priority: int | str = 'NORMAL'
     #: extra method names this hook defines as custom points close to a standard name.
     custom_points: tuple = ()
+    #: points this hook implements but has no work at in the current run (set in
+    #: ``before_train``): never called. A point's hooks are listed when it is first called.
+    idle_points: frozenset = frozenset()
 
     def before_run(self, runner) -> None: ...
     def after_run(self, runner) -> None: ...
@@ -99,7 +102,10 @@ class Hook:
         return runner.max_iters is not None and runner.iter == runner.max_iters
 
     def overrides(self, point: str) -> bool:
-        """Whether this hook implements ``point`` (standard points: only if overridden)."""
+        """Whether this hook implements ``point`` (standard points: only if overridden) and has
+        work there (not in ``idle_points``)."""
+        if point in self.idle_points:
+            return False
         impl = getattr(type(self), point, None)
         if impl is None:
             return point in vars(self) and callable(vars(self)[point])

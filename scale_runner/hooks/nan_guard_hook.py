@@ -77,7 +77,6 @@ class NanGuardHook(Hook):
         self.consecutive = 0    # bad losses in a row
         self._runner = None
         self._world, self._rank = 1, 0
-        self._per_iter = None   # whether after_train_iter has work in this run (before_train)
         self._checked = False   # check() ran in the current iteration
         self._dropped = False   # ... and skipped its update
 
@@ -96,15 +95,9 @@ class NanGuardHook(Hook):
         wrapper.loss_guard = self.flag if self.on_device else self.check
         self._checked = self._dropped = False
         # A host check that raises, under the built-in train step: update_params checks every
-        # loss, so after_train_iter has nothing to do and is not called (see overrides)
-        self._per_iter = self.on_device or self.mode == 'skip' or not _checks_every_loss(runner)
-
-    def overrides(self, point: str) -> bool:
-        # Asked when a point is first called (after before_train); each hook call per
-        # iteration costs ~1% of a small model's step
-        if point == 'after_train_iter' and self._per_iter is False:
-            return False
-        return super().overrides(point)
+        # loss, so after_train_iter has nothing to do and is not called
+        idle = not self.on_device and self.mode == 'raise' and _checks_every_loss(runner)
+        self.idle_points = frozenset({'after_train_iter'}) if idle else frozenset()
 
     def after_train(self, runner) -> None:
         self._read_flag()  # the last iterations' losses (raises if one was bad)

@@ -13,18 +13,10 @@ class ParamSchedulerHook(Hook):
 
     priority = 'LOW'
 
-    def __init__(self):
-        self._per_iter: bool | None = None  # whether an iteration scheduler exists (before_train)
-
     def before_train(self, runner) -> None:
-        self._per_iter = any(not s.by_epoch for s in runner.param_schedulers)
-
-    def overrides(self, point: str) -> bool:
-        # Asked when a point is first called (after before_train): a run with no iteration
-        # scheduler has no call per iteration (each hook call costs ~1% of a small model's step)
-        if point == 'after_train_iter' and self._per_iter is False:
-            return False
-        return super().overrides(point)
+        # no iteration scheduler: no call per iteration (each costs ~1% of a small model's step)
+        per_iter = any(not s.by_epoch for s in runner.param_schedulers)
+        self.idle_points = frozenset() if per_iter else frozenset({'after_train_iter'})
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if not runner.state.stepped:
