@@ -228,3 +228,36 @@ def test_zero_state_codec_refuses_classes_outside_its_allow_list():
         encode({'x': subprocess.Popen.__new__(subprocess.Popen)}, allowed)
     with pytest.raises(CheckpointError, match="'Popen' is not one"):
         decode({'x': {'__object__': 'Popen', 'attrs': {'args': 'touch /tmp/x'}}}, allowed)
+
+
+def test_ema_under_zero2_averages_the_weights_and_half_precision_is_refused(tmp_path):
+    """One process (no launcher). ZeRO-2 in fp32: the average in each checkpoint is the EMA of
+    the weights checkpointed after every update (momentum 0.5, the first update copies).
+    In bf16 the module's weights are bf16 copies, where an average would not move: refused."""
+    work = tmp_path / 'fp32'
+    work.mkdir()
+    _train(work, 0, "custom_hooks=[dict(type='EMAHook', momentum=0.5)]", 'train_cfg.max_iters=3')
+    ckpts = work / 'checkpoints'
+    weights = [load_file(ckpts / f'iter_{i}' / 'model.safetensors') for i in (1, 2, 3)]
+    ema = dict(weights[0])
+    for w in weights[1:]:
+        ema = {k: v + 0.5 * (w[k] - v) for k, v in ema.items()}
+    saved = load_file(ckpts / 'iter_3' / 'state.safetensors')
+    for k, v in ema.items():
+        assert torch.allclose(saved[f'hooks.EMAHook.ema.{k}'], v, rtol=0, atol=1e-6), k
+    assert not torch.equal(saved['hooks.EMAHook.ema.net.0.weight'], weights[2]['net.0.weight'])
+    half = tmp_path / 'bf16'
+    half.mkdir()
+    out = _train(half, 0, "custom_hooks=[dict(type='EMAHook')]", 'accelerator.mixed_precision=bf16',
+                 'train_cfg.max_iters=2', expect=1)
+    expected = "EMAHook under DeepSpeed in torch.bfloat16 (accelerator.mixed_precision='bf16')"
+    assert expected in out, out[-3000:]
+    assert not (half / 'checkpoints').exists() or not any((half / 'checkpoints').iterdir())
+
+
+@pytest.mark.slow
+def test_ema_under_zero3_is_refused(tmp_path):
+    out = _train(tmp_path, 0, "custom_hooks=[dict(type='EMAHook')]",
+                 'accelerator.deepspeed.zero_optimization.stage=3', 'train_cfg.max_iters=2', expect=1)
+    expected = 'EMAHook under DeepSpeed ZeRO-3 (accelerator.deepspeed.zero_optimization.stage=3)'
+    assert expected in out, out[-3000:]

@@ -70,6 +70,7 @@ class EMAHook(Hook):
 
     # ---- setup ------------------------------------------------------------------------------
     def before_run(self, runner) -> None:
+        _check_engine(runner)
         model = unwrap(runner.model)
         named = list(model.named_parameters())
         if self.update_buffers:
@@ -193,3 +194,25 @@ class EMAHook(Hook):
 def _local(tensors: list) -> list:
     """Each tensor's local part: a ``DTensor``'s shard (sharing its storage), else itself."""
     return [t.to_local() if is_dtensor(t) else t for t in tensors]
+
+
+def _check_engine(runner) -> None:
+    """Refuse what an average cannot be kept for: DeepSpeed ZeRO-3 (the module's parameters are
+    empty placeholders; each rank holds a flat partition) and DeepSpeed in half precision (the
+    module's weights are bf16/fp16 copies of the fp32 master, and an average kept in them drops
+    every update below their precision: with momentum 0.0002 it would never move)."""
+    from ..checkpoint.zero import is_deepspeed, zero_stage
+    if not is_deepspeed(runner.accelerator):
+        return
+    stage = zero_stage(runner.model)
+    if stage == 3:
+        raise ConfigError('EMAHook under DeepSpeed ZeRO-3 (accelerator.deepspeed.zero_optimization.'
+                          'stage=3): the module holds no whole parameters to average. Use ZeRO-1/2 '
+                          'in fp32, DDP, or FSDP2 (there the average is sharded like the weights)')
+    dtype = next((p.dtype for p in unwrap(runner.model).parameters() if p.is_floating_point()), None)
+    if dtype in (torch.bfloat16, torch.float16):
+        raise ConfigError(f'EMAHook under DeepSpeed in {dtype} (accelerator.mixed_precision='
+                          f'{runner.accelerator.mixed_precision!r}): the module\'s weights are {dtype} '
+                          f'copies of the fp32 master, and an average kept in them would not move. '
+                          f'Use fp32 under ZeRO-{stage}, or DDP / FSDP2 with mixed precision (their '
+                          f'weights stay fp32)')
