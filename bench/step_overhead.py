@@ -39,14 +39,17 @@ Modes:
   ratio of medians to the plain loop, and the final loss; then whether scale_runner's final
   loss equals the plain loop's bit for bit.
 - ``--paired``: the least noisy ratio. In one process, scale_runner's ``train()`` (default
-  hooks, logger every 10) is paused every ``CHUNK`` iterations by a lowest-priority hook that
-  runs ``CHUNK`` steps of the plain loop and ``CHUNK`` steps of the hand-written Accelerate loop
+  hooks, logger every 10) is paused every ``CHUNK`` iterations, before the next batch is
+  fetched from its train dataloader, to run ``CHUNK`` steps of the plain loop and ``CHUNK``
+  steps of the hand-written Accelerate loop
   (own models, optimizers and data loaders; alternating which goes first). Each chunk of each
   loop is timed, so all three see the same moments of the machine; reported: the median and
   quartiles of the per-chunk ratios to the plain chunk next to it, and the ratio of the sums;
   and, per sixth of the run, the median ratio relative to the first sixth (flat cost with the
   VM's drift divided out: ``--paired --steps 30000``).
-  The pausing hook's own per-iteration call is charged to scale_runner.
+  The probe costs scale_runner one generator step per batch (the baselines' batch cycle
+  costs the same); ``--hook-probe`` pauses from a lowest-priority ``after_train_iter`` hook
+  instead (the probe until 2026-12-02), whose call per iteration is charged to scale_runner.
 - ``--calls``: a deterministic complement to the noisy timings. Python function calls
   (``sys.setprofile``: ``call`` and ``c_call`` events, generator resumptions included) from the
   end of step 100 to the end of step 200, per step, split by the package whose code runs (a C
@@ -488,7 +491,7 @@ def flat_mode(keys: list[str], steps: int) -> None:
 CHUNK = 100
 
 
-def paired_mode(steps: int, defaults: bool = False) -> None:
+def paired_mode(steps: int, defaults: bool = False, hook_probe: bool = False) -> None:
     import torch
     from scale_runner import Hook
     _peers.quiet()
@@ -515,8 +518,38 @@ def paired_mode(steps: int, defaults: bool = False) -> None:
 
     times = {'scale_runner': [], 'plain': [], 'accelerate loop': []}
 
+    def pause() -> None:
+        """End scale_runner's chunk, run one chunk of each baseline (alternating which goes
+        first), start the next chunk."""
+        times['scale_runner'].append(time.perf_counter() - pair.mark)
+        order = list(pair.loops) if len(times['plain']) % 2 == 0 else list(pair.loops)[::-1]
+        for name in order:
+            times[name].append(pair.loops[name]())
+        pair.mark = time.perf_counter()
+
+    class Chunked:
+        """The runner's train dataloader, pausing before every ``CHUNK``-th batch is fetched:
+        the chunk then holds ``CHUNK`` whole iterations, hooks included, and the probe costs
+        one generator step per batch (the baselines' ``cycle`` costs the same) instead of a
+        hook call per iteration."""
+
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for i, batch in enumerate(self.loader):
+                if i and i % CHUNK == 0:
+                    pause()
+                yield batch
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __getattr__(self, name):  # sampler, batch_size, ...: the loader's
+            return getattr(self.loader, name)
+
     class Pair(Hook):
-        priority = 'LOWEST'  # after every other hook of the iteration: they are in its chunk
+        priority = 'LOWEST'  # after every other hook: the last chunk holds the final checkpoint
 
         def before_train(self, runner):
             model = _peers.mlp()
@@ -527,18 +560,23 @@ def paired_mode(steps: int, defaults: bool = False) -> None:
             prepared = acc.prepare(model, optimizer(model.parameters(), lr=LR),
                                    _peers.loader(_peers.dataset(steps)))
             self.loops['accelerate loop'] = baseline(*prepared, acc.backward)
+            if not hook_probe:
+                runner.train_loop.dataloader = Chunked(runner.train_loop.dataloader)
             self.mark = time.perf_counter()
 
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            if runner.iter % CHUNK:
-                return
-            times['scale_runner'].append(time.perf_counter() - self.mark)
-            order = list(self.loops) if len(times['plain']) % 2 == 0 else list(self.loops)[::-1]
-            for name in order:
-                times[name].append(self.loops[name]())
-            self.mark = time.perf_counter()
+        def after_train(self, runner):
+            if not hook_probe:
+                pause()  # the last chunk
 
-    _scale_runner(_peers.dataset(steps), Work(steps), [Pair()], defaults=defaults).train()
+        def _probe(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter % CHUNK == 0:
+                pause()
+
+        if hook_probe:
+            after_train_iter = _probe
+
+    pair = Pair()
+    _scale_runner(_peers.dataset(steps), Work(steps), [pair], defaults=defaults).train()
     plain = times['plain']
     what = ('defaults: iteration loop, SGD, default hooks, INFO' if defaults
             else 'tuned: epoch loop, AdamW, logger every 10, checkpoint at the end, WARNING')
@@ -701,6 +739,10 @@ def main():
                         'loop, SGD, default hooks, INFO; the baselines use SGD too)')
     p.add_argument('--paired', action='store_true',
                    help='instead: scale_runner, plain and Accelerate loops in paired chunks in one process')
+    p.add_argument('--hook-probe', action='store_true',
+                   help="with --paired: pause scale_runner from a hook called every iteration (the "
+                        "probe before 2026-12-02; its call is charged to scale_runner) instead of "
+                        "from its batch stream")
     p.add_argument('--flat', type=int, metavar='STEPS',
                    help=f'instead: per-sixth step time of one run of STEPS iterations (e.g. 30000); '
                         f'variants default to {FLAT_VARIANTS}')
@@ -724,7 +766,7 @@ def main():
     elif args.pieces:
         pieces_mode(args.steps, args.defaults)
     elif args.paired:
-        paired_mode(args.steps, args.defaults)
+        paired_mode(args.steps, args.defaults, args.hook_probe)
     elif args.flat:
         flat_mode(chosen_variants(args.variants, FLAT_VARIANTS), args.flat)
     elif args.calls:

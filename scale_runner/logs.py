@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+PENDING = 256  # tensors held before reading them together (bounds the memory they pin)
 FORMAT = '%(asctime)s - scale_runner - %(levelname)s - %(message)s'
 
 
@@ -55,9 +56,10 @@ class LogBuffer:
     """Scalars of the current logging window, one window per mode (``train``, ``val``,
     ``test``), so validation timings never mix into a training window.
 
-    Values may be tensors (on any device): they are only read when a line is logged, all
-    keys of a window in one transfer, so training never waits on the device for a number
-    nobody prints. ``current`` holds the latest value of every key updated here (any mode).
+    Values may be tensors (on any device): they are only read when a line is logged (and
+    every ``PENDING`` iterations of a longer window), all keys in one transfer, so training
+    never waits on the device for a number nobody prints. ``current`` holds the latest value
+    of every key updated here (any mode).
 
     A *source* (``add_source``) keeps its own window and reports it when asked: an object with
     ``window_means(mode) -> dict`` and ``clear_window(mode)``. The IterTimerHook is one: it
@@ -66,35 +68,43 @@ class LogBuffer:
     """
 
     def __init__(self):
-        self._windows: dict[str, dict[str, list]] = {}
-        self._rows: dict[str, list[dict]] = {}  # update_dict's dicts, split into keys when read
+        self._windows: dict[str, dict[str, list[float]]] = {}  # values already read as floats
+        self._rows: dict[str, list[dict]] = {}  # update_dict's dicts, not yet read
         self._sources: list = []
         self.current: dict[str, Any] = {}
 
     def update(self, key: str, value: Any, mode: str = 'train') -> None:
-        try:
-            self._windows[mode][key].append(value)
-        except KeyError:
-            self._windows.setdefault(mode, {})[key] = [value]
-        self.current[key] = value
+        self.update_dict({key: value}, mode)
 
     def update_dict(self, values: dict, mode: str = 'train') -> None:
         """``update`` for every item of ``values``. Per step (the LoggerHook's call) it only
-        keeps the dict (not a copy): its keys are split into the window when a line is written."""
+        keeps the dict (not a copy); every ``PENDING`` dicts, and when a line is written, they
+        are read as floats together (a long window holds floats, not thousands of tensors)."""
         try:
-            self._rows[mode].append(values)
+            rows = self._rows[mode]
         except KeyError:
-            self._rows[mode] = [values]
+            rows = self._rows[mode] = []
+        rows.append(values)
         self.current.update(values)
+        if len(rows) >= PENDING:
+            self._window(mode)
 
-    def _window(self, mode: str) -> dict[str, list]:
+    def _window(self, mode: str) -> dict[str, list[float]]:
+        """``mode``'s window, with the dicts kept since the last read split into its keys and
+        read as floats (one transfer per device)."""
         window = self._windows.setdefault(mode, {})
+        columns: dict[str, list] = {}
         for values in self._rows.pop(mode, ()):
             for key, value in values.items():
                 try:
-                    window[key].append(value)
+                    columns[key].append(value)
                 except KeyError:
-                    window[key] = [value]
+                    columns[key] = [value]
+        floats = to_floats([v for values in columns.values() for v in values])
+        at = 0
+        for key, values in columns.items():
+            window.setdefault(key, []).extend(floats[at:at + len(values)])
+            at += len(values)
         return window
 
     def add_source(self, source) -> None:
@@ -102,15 +112,8 @@ class LogBuffer:
             self._sources.append(source)
 
     def means(self, mode: str = 'train') -> dict[str, float]:
-        """The mean of every key of the window (one device transfer for all tensor values)."""
-        window = self._window(mode)
-        keys = [k for k, v in window.items() if v]
-        floats = to_floats([v for k in keys for v in window[k]])
-        out, at = {}, 0
-        for k in keys:
-            n = len(window[k])
-            out[k] = sum(floats[at:at + n]) / n
-            at += n
+        """The mean of every key of the window, and the sources' window means."""
+        out = {k: sum(v) / len(v) for k, v in self._window(mode).items() if v}
         for source in self._sources:
             out.update(source.window_means(mode))
         return out
@@ -123,9 +126,23 @@ class LogBuffer:
 
 
 def to_floats(values: list) -> list[float]:
-    """Plain floats (a tensor: the mean of its elements). A CPU tensor is read with ``item()``
-    (cheaper than stacking); tensors on an accelerator are stacked and moved to the CPU together,
-    one transfer per device, so a window of 10 iterations waits on the device once per line."""
+    """Plain floats (a tensor: the mean of its elements), in one ``torch.stack`` when the values
+    are tensors of one device and shape (a window's losses): one transfer, so a window waits on
+    the device once per line, and on the CPU one call instead of a read per value (which costs
+    several times its hot cost between training steps). Mixed values: see :func:`_to_floats`."""
+    if not values or not hasattr(values[0], 'detach'):
+        return _to_floats(values)
+    import torch
+    try:
+        stacked = torch.stack(values).detach()
+    except (TypeError, RuntimeError):  # numbers among them, several devices or shapes
+        return _to_floats(values)
+    return (stacked.float() if stacked.dim() == 1 else stacked.flatten(1).float().mean(1)).tolist()
+
+
+def _to_floats(values: list) -> list[float]:
+    """:func:`to_floats` of mixed values: a number or CPU tensor read alone; tensors on an
+    accelerator stacked per device (one transfer each)."""
     out: list = [0.0] * len(values)
     by_device: dict = {}
     for i, v in enumerate(values):

@@ -18,9 +18,8 @@ from array import array
 from typing import Any
 
 from .errors import closest
-from .logs import to_floats
+from .logs import PENDING, to_floats
 
-PENDING = 256  # tensors held before converting them together (bounds the memory they pin)
 LIVE_INFO = ('epoch', 'iter', 'inner_iter', 'max_epochs', 'max_iters')  # read from TrainState
 
 

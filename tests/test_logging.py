@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -157,6 +158,35 @@ def test_log_buffer_means_tensors_and_floats():
     assert buf.means('val') == pytest.approx({'time': 0.5})
     buf.clear_window()
     assert buf.means() == {} and buf.means('val') == pytest.approx({'time': 0.5})
+
+
+def test_to_floats_reads_every_kind_of_value_as_its_mean():
+    from scale_runner.logs import to_floats
+    # one stack: 0-dim tensors, and same-shape tensors (their means)
+    ints = torch.tensor(2, dtype=torch.int64)
+    assert to_floats([torch.tensor(1.0), ints, torch.tensor(True)]) == [1.0, 2.0, 1.0]
+    assert to_floats([torch.tensor([1.0, 3.0]), torch.tensor([[2.0, 6.0]]).squeeze(0)]) == [2.0, 4.0]
+    assert to_floats([torch.tensor(2.0, requires_grad=True) * 2]) == [4.0]
+    # mixed: numbers, numpy values, tensors of other shapes
+    mixed = [1, 2.5, torch.tensor(3.0), torch.tensor([1.0, 3.0]), np.float32(4), torch.tensor([[5.0]])]
+    assert to_floats(mixed) == [1.0, 2.5, 3.0, 2.0, 4.0, 5.0]
+    assert to_floats([]) == [] and to_floats([0.5]) == [0.5]
+
+
+def test_a_long_log_window_holds_floats_not_every_tensor():
+    """A window of 1000 iterations (logger interval 1000) pins at most PENDING loss tensors:
+    the rest were read as floats, with the same means."""
+    import weakref
+    from scale_runner.logs import PENDING, LogBuffer
+    buf, refs = LogBuffer(), []
+    for i in range(1000):
+        loss = torch.tensor(float(i))
+        refs.append(weakref.ref(loss))
+        buf.update_dict({'loss': loss, 'acc': torch.tensor(1.0)})
+        del loss
+    alive = sum(r() is not None for r in refs)
+    assert 0 < alive <= PENDING  # the window's unread rest (and `current`) only
+    assert buf.means() == pytest.approx({'loss': 999 / 2, 'acc': 1.0})
 
 
 def test_imports_stay_lazy():
