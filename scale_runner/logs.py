@@ -93,16 +93,10 @@ class LogBuffer:
         """``mode``'s window, with the dicts kept since the last read split into its keys and
         read as floats (one transfer per device)."""
         window = self._windows.setdefault(mode, {})
-        columns: dict[str, list] = {}
-        for values in self._rows.pop(mode, ()):
-            for key, value in values.items():
-                try:
-                    columns[key].append(value)
-                except KeyError:
-                    columns[key] = [value]
-        floats = to_floats([v for values in columns.values() for v in values])
+        by_key = columns(self._rows.pop(mode, ()))
+        floats = to_floats([v for values in by_key.values() for v in values])
         at = 0
-        for key, values in columns.items():
+        for key, values in by_key.items():
             window.setdefault(key, []).extend(floats[at:at + len(values)])
             at += len(values)
         return window
@@ -123,6 +117,18 @@ class LogBuffer:
         self._rows.pop(mode, None)
         for source in self._sources:
             source.clear_window(mode)
+
+
+def columns(rows) -> dict[str, list]:
+    """``[{key: value}, ...]`` as ``{key: [its values, in order]}`` (a row may lack a key)."""
+    out: dict[str, list] = {}
+    for row in rows:
+        for key, value in row.items():
+            try:
+                out[key].append(value)
+            except KeyError:
+                out[key] = [value]
+    return out
 
 
 def to_floats(values: list) -> list[float]:

@@ -1,7 +1,7 @@
 """RuntimeInfoHook: MMEngine's ``runtime_info`` default hook, filling ``runner.message_hub``."""
 from __future__ import annotations
 
-from ..message_hub import PENDING
+from ..logs import PENDING, columns
 from ..registry import HOOKS
 from .hook import Hook
 
@@ -73,11 +73,7 @@ class RuntimeInfoHook(Hook):
         else:
             for i, (key, _) in enumerate(self._lrs):
                 hub.buffer(key).extend([lrs[i] for lrs, _ in rows])
-        columns: dict = {}  # output key -> its values, in order
-        for _, outputs in rows:
-            for key, value in (outputs or {}).items():
-                columns.setdefault(key, []).append(value)
-        for key, values in columns.items():
+        for key, values in columns(outputs or {} for _, outputs in rows).items():
             hub.buffer(f'train/{key}').extend(values)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
