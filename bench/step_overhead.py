@@ -220,13 +220,9 @@ def accelerate_loop(probe: Probe, work: Work) -> float:
     return _hand_written(model, opt, loader, acc.backward, probe, work)
 
 
-def _scale_runner(ds, work: Work, custom_hooks: list, defaults: bool = False, **hooks):
-    """A scale_runner Runner with its default hooks (logger every 10 iterations, checkpoint at
-    the end), no validation; the model is built after the runner seeds, like the plain loop's.
-    ``defaults``: what a user who configures nothing runs instead: an iteration loop, SGD, the
-    default hooks exactly as they are (checkpoint policy included), log level INFO."""
+def loss_model_type():
+    """The runner's model: the plain loop's MLP, with the loss computed in ``forward``."""
     import torch
-    from scale_runner import Runner
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -235,7 +231,16 @@ def _scale_runner(ds, work: Work, custom_hooks: list, defaults: bool = False, **
 
         def forward(self, x, y):
             return torch.nn.functional.mse_loss(self.net(x), y)
+    return Net
 
+
+def _scale_runner(ds, work: Work, custom_hooks: list, defaults: bool = False, **hooks):
+    """A scale_runner Runner with its default hooks (logger every 10 iterations, checkpoint at
+    the end), no validation; the model is built after the runner seeds, like the plain loop's.
+    ``defaults``: what a user who configures nothing runs instead: an iteration loop, SGD, the
+    default hooks exactly as they are (checkpoint policy included), log level INFO."""
+    from scale_runner import Runner
+    Net = loss_model_type()
     if defaults:
         return Runner(model=dict(type=Net), work_dir=tempfile.mkdtemp(),
                       train_dataloader=dict(dataset=ds, batch_size=BATCH),

@@ -19,6 +19,10 @@ from .errors import ConfigError
 from .model import eval_step, train_step, train_step_of
 from .registry import LOOPS
 
+# The per-iteration points with their arguments, as Runner.hook_calls takes them
+BEFORE_TRAIN_ITER = ('before_train_iter', ('batch_idx', 'data_batch'))
+AFTER_TRAIN_ITER = ('after_train_iter', ('batch_idx', 'data_batch', 'outputs'))
+
 
 @contextlib.contextmanager
 def preserved_rng():
@@ -137,13 +141,15 @@ class _TrainLoop(BaseLoop):
         ``after_train_iter`` (both train loops' bodies call this). ``state.stepped`` is cleared
         before the step; the optimizer wrapper sets it if the step updated the weights."""
         runner = self._runner
-        runner.call_hook('before_train_iter', batch_idx=idx, data_batch=data_batch)
+        for fn in runner.hook_calls(BEFORE_TRAIN_ITER):
+            fn(idx, data_batch)
         state = runner.state
         state.stepped = False
         outputs = self.run_iter(idx, data_batch)
         state.iter += 1
         state.inner_iter = idx + 1
-        runner.call_hook('after_train_iter', batch_idx=idx, data_batch=data_batch, outputs=outputs)
+        for fn in runner.hook_calls(AFTER_TRAIN_ITER):
+            fn(idx, data_batch, outputs)
         return outputs
 
     def run_iter(self, idx: int, data_batch: Any) -> Any:

@@ -14,7 +14,7 @@ from .checkpoint import (CheckpointWriter, candidates, collect_state,
                          restore_state, whole_weights)
 from .config import Config
 from .errors import ConfigError, closest, edit_distance
-from .hooks.hook import STAGES, Hook, bind_point, check_hook_points, get_priority
+from .hooks.hook import STAGES, Hook, bind_point, bind_positional, check_hook_points, get_priority
 from .logs import LogBuffer, close_logger, make_logger
 from .registry import HOOKS, LOOPS, MODELS, RUNNERS
 from .state import TrainState
@@ -96,7 +96,7 @@ class Runner:
         self._snapshot_buffers = None    # the last background save's host copy, reused
         self._hooks: list = []
         self._hook_names: dict[int, str] = {}  # id(hook) -> its name in checkpoints
-        self._hook_cache: dict[str, list] = {}
+        self._hook_cache: dict = {}  # point name (or hook_calls' key) -> what it calls
         self._prepared_model = False
         self._hooks_registered = False
 
@@ -482,6 +482,17 @@ class Runner:
             fn(**kwargs)
 
     call_hooks = call_hook
+
+    def hook_calls(self, point: tuple) -> list:
+        """What ``call_hook`` calls for ``point = (fn_name, names)``, each taking the values of
+        ``names`` positionally (the loops' per-iteration points: no keyword dicts per step)."""
+        try:
+            return self._hook_cache[point]
+        except KeyError:
+            fn_name, names = point
+            fns = self._hook_cache[point] = [bind_positional(h, fn_name, self, names)
+                                             for h in self._hooks if h.overrides(fn_name)]
+            return fns
 
     def get_hooks_info(self) -> str:
         """A table of the hooks that run at each stage, in order, with priorities."""

@@ -115,7 +115,10 @@ class IterPoint(Hook):
 
 
 def _hooks_in_cache(runner, point):
-    return [getattr(fn, 'func', fn).__self__ for fn in runner._hook_cache[point]]
+    """The hooks dispatched at ``point``: by ``call_hook`` (keyed by name) or, per iteration, by
+    ``hook_calls`` (keyed by ``(name, argument names)``)."""
+    key = next(k for k in runner._hook_cache if k == point or (isinstance(k, tuple) and k[0] == point))
+    return [getattr(fn, 'func', fn).__self__ for fn in runner._hook_cache[key]]
 
 
 def test_dispatch_only_to_overriding_hooks(tmp_path, tiny_parts):
@@ -245,3 +248,27 @@ def test_hook_helpers_edge_cases(tmp_path, tiny_parts):
     assert seen == [(1, False, False, False, False, False), (2, False, False, False, False, False),
                     (3, True, False, False, False, False), (4, False, False, False, True, False),
                     ('epoch', False, False)]
+
+
+class KwargsOnly(Hook):
+    def __init__(self):
+        self.seen = []
+
+    def before_train_iter(self, runner, **kwargs):
+        self.seen.append(('before', kwargs['batch_idx'], sorted(kwargs)))
+
+    def after_train_iter(self, runner, data_batch=None, outputs=None, batch_idx=None):  # other order
+        self.seen.append(('after', batch_idx, isinstance(outputs, dict)))
+
+
+def test_iteration_points_reach_hooks_of_any_signature(tmp_path, tiny_parts):
+    """The per-iteration points are called positionally where the signature is the standard one
+    and by keyword otherwise: a hook taking **kwargs or another order gets the right values."""
+    odd, std = KwargsOnly(), IterPoint()
+    with Runner(**tiny_parts(tmp_path, custom_hooks=[odd, std])) as runner:
+        runner.train()
+    befores = [s for s in odd.seen if s[0] == 'before']
+    afters = [s for s in odd.seen if s[0] == 'after']
+    assert std.n == len(afters) == len(befores) == 16
+    assert befores[0] == ('before', 0, ['batch_idx', 'data_batch'])
+    assert [s[1] for s in afters][:3] == [0, 1, 2] and all(s[2] for s in afters)

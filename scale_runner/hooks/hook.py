@@ -150,3 +150,18 @@ def bind_point(hook: Hook, point: str, runner):
     if takes_runner:
         return functools.partial(method, runner)
     return method
+
+
+def bind_positional(hook: Hook, point: str, runner, names: tuple):
+    """Return ``f(*values)`` for ``hook.point``, ``values`` being those of ``names`` in order: the
+    bound method itself when it takes exactly those parameters in that order (no keyword dict
+    per call: the per-iteration points), else an adapter passing them by keyword."""
+    fn = bind_point(hook, point, runner)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = None
+    if (params is not None and len(params) == len(names)
+            and all(p.name == n and p.kind == p.POSITIONAL_OR_KEYWORD for p, n in zip(params, names))):
+        return fn
+    return lambda *values: fn(**dict(zip(names, values)))
