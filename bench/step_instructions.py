@@ -31,7 +31,6 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 START = 300  # iterations before counting starts (warm-up)
-HOOKS = ('runtime_info', 'timer', 'sampler_seed', 'logger', 'param_scheduler', 'checkpoint', 'nan_guard')
 
 
 def _toggle(on: bool) -> None:
@@ -61,7 +60,8 @@ def child(variant: str, steps: int) -> None:
             opt.zero_grad()
         return
     from scale_runner import Hook
-    dropped = HOOKS if variant == 'defaults-no-hooks' else variant.split('-')[1:]
+    from scale_runner.runner import DEFAULT_HOOKS
+    dropped = DEFAULT_HOOKS if variant == 'defaults-no-hooks' else variant.split('-')[1:]
 
     class Counting(Hook):
         priority = 'LOWEST'
