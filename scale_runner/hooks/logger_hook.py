@@ -282,6 +282,8 @@ class LoggerHook(Hook):
 
 def stragglers(spread: dict, time_: float | None, threshold: float) -> dict:
     """The figures of ``spread`` whose max - min exceeds ``threshold`` x the iteration time."""
+    if not spread:  # one process: nothing to compare
+        return {}
     from .iter_timer_hook import SPREAD_KEYS
     out = {}
     for key in SPREAD_KEYS:
