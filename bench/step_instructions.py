@@ -5,6 +5,7 @@ a change of a few thousand instructions per step (0.1 % of a step) can be seen a
     python bench/step_instructions.py                         # plain, plain+model, defaults
     python bench/step_instructions.py --variants defaults,defaults-logger,defaults-no-hooks
     python bench/step_instructions.py --steps 300              # quicker (about 1 min a variant)
+    python bench/step_instructions.py --steps 300 --cache      # + cache/branch simulation (~2x slower)
 
 Each variant runs in its own process under ``valgrind --tool=callgrind --instr-atstart=no``
 (``setarch -R``: no address randomisation, so hash tables lay out alike); counting is switched
@@ -17,6 +18,9 @@ the loss computed inside the model's ``forward``, as the runner's model does it)
 ``defaults-<hook>`` (that default hook removed), ``defaults-no-hooks`` (every default hook
 removed). Instructions are not time: the runner's Python runs at a lower rate than torch's
 kernels, so its share of the time is larger than its share of the instructions (bench/README).
+``--cache`` also simulates the caches and branch predictor and reports cachegrind's cycle
+estimate per step (``Ir + 10 x (branch misses + L1 misses) + 100 x last-level misses``): still
+deterministic, and it counts what the instructions miss, but not the real core's front end.
 Needs ``valgrind`` (with ``callgrind_control``) on the PATH.
 """
 from __future__ import annotations
@@ -75,25 +79,36 @@ def child(variant: str, steps: int) -> None:
                                 **{name: None for name in dropped}).train()
 
 
-def count(variant: str, steps: int) -> int:
-    """Instructions per counted step of ``variant`` (a child process under callgrind)."""
+def count(variant: str, steps: int, cache: bool = False) -> int:
+    """Instructions (``cache``: the estimated cycles) per counted step of ``variant`` (a child
+    process under callgrind)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'callgrind.out')
-        cmd = ['setarch', '-R', 'valgrind', '--tool=callgrind', '--instr-atstart=no',
+        sim = ['--cache-sim=yes', '--branch-sim=yes'] if cache else []
+        cmd = ['setarch', '-R', 'valgrind', '--tool=callgrind', '--instr-atstart=no', *sim,
                f'--callgrind-out-file={out}', sys.executable, os.path.abspath(__file__),
                '--child', variant, '--steps', str(steps)]
         env = dict(os.environ, PYTHONHASHSEED='0', OMP_NUM_THREADS='1')
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f'{variant}: exit {run.returncode}\n{run.stderr[-2000:]}')
-        summary = re.search(r'^totals:\s+(\d+)', open(out).read(), re.M)
-        return int(summary.group(1)) // steps
+        text = open(out).read()
+        names = re.search(r'^events:\s+(.*)$', text, re.M).group(1).split()
+        totals = dict(zip(names, map(int, re.search(r'^totals:\s+(.*)$', text, re.M).group(1).split())))
+        if not cache:
+            return totals['Ir'] // steps
+        l1 = totals['I1mr'] + totals['D1mr'] + totals['D1mw']
+        last_level = totals['ILmr'] + totals['DLmr'] + totals['DLmw']
+        branches = totals['Bcm'] + totals['Bim']
+        return (totals['Ir'] + 10 * (branches + l1) + 100 * last_level) // steps
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--steps', type=int, default=1000)
     p.add_argument('--variants', default='plain,plain+model,defaults')
+    p.add_argument('--cache', action='store_true',
+                   help="cache and branch simulation: cachegrind's estimated cycles per step")
     p.add_argument('--child', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -102,11 +117,12 @@ def main() -> None:
     if missing:
         raise SystemExit(f'needs {", ".join(missing)} on the PATH')
     variants = args.variants.split(',')
-    plain = count('plain', args.steps)
-    print(f'instructions per step, {args.steps} steps counted after {START}, callgrind')
+    plain = count('plain', args.steps, args.cache)
+    what = 'estimated cycles (cache and branch simulation)' if args.cache else 'instructions'
+    print(f'{what} per step, {args.steps} steps counted after {START}, callgrind')
     print(f'{"variant":<28} {"per step":>12} {"vs plain":>10} {"ratio":>7}')
     for v in variants:
-        n = plain if v == 'plain' else count(v, args.steps)
+        n = plain if v == 'plain' else count(v, args.steps, args.cache)
         print(f'{v:<28} {n:12,d} {n - plain:+10,d} {n / plain:7.4f}')
 
 
