@@ -19,8 +19,8 @@ the loss computed inside the model's ``forward``, as the runner's model does it)
 removed). Instructions are not time: the runner's Python runs at a lower rate than torch's
 kernels, so its share of the time is larger than its share of the instructions (bench/README).
 ``--cache`` also simulates the caches and branch predictor and reports cachegrind's cycle
-estimate per step (``Ir + 10 x (branch misses + L1 misses) + 100 x last-level misses``): still
-deterministic, and it counts what the instructions miss, but not the real core's front end.
+estimate per step (``Ir + 10 x (branch misses + L1 misses) + 100 x last-level misses``): nearly
+deterministic (within 0.3 %), and it counts what the instructions miss, not the real front end.
 Needs ``valgrind`` (with ``callgrind_control``) on the PATH.
 """
 from __future__ import annotations
