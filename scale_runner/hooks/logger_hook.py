@@ -10,6 +10,7 @@ from typing import Any
 
 from ..registry import HOOKS
 from .hook import Hook
+from .iter_timer_hook import SPREAD_KEYS
 
 FLUSH_SECONDS = 1.0  # scalars.jsonl lines a killed process can lose at most
 _json_key = json.encoder.encode_basestring_ascii  # a str as json.dumps writes it, quoted
@@ -284,7 +285,6 @@ def stragglers(spread: dict, time_: float | None, threshold: float) -> dict:
     """The figures of ``spread`` whose max - min exceeds ``threshold`` x the iteration time."""
     if not spread:  # one process: nothing to compare
         return {}
-    from .iter_timer_hook import SPREAD_KEYS
     out = {}
     for key in SPREAD_KEYS:
         high, low = spread.get(f'{key}/rank_max'), spread.get(f'{key}/rank_min')
