@@ -776,3 +776,20 @@ def test_mid_window_resume_restores_partial_gradients_in_process(tmp_path, tiny_
     expected, got = _final_weights(full), _final_weights(resumed)
     for k in expected:
         assert torch.equal(expected[k], got[k]), k
+
+
+@pytest.mark.parametrize('interval,save_begin,save_last', [
+    (0, 0, True), (1, 0, True), (3, 0, True), (3, 5, True), (2, 3, False), (4, 0, False), (0, 0, False)])
+def test_next_due_iteration_is_the_first_due_one(interval, save_begin, save_last):
+    """The per-iteration fast path skips every iteration before ``_next_due``: no iteration
+    that ``_due`` would save may lie before it, and it must be one ``_due`` saves (or lie
+    past the last iteration)."""
+    from scale_runner.hooks.checkpoint_hook import CheckpointHook
+    hook = CheckpointHook(interval=interval, save_begin=save_begin, save_last=save_last)
+    hook.by_epoch, last = False, 17
+    for progress in range(last + 1):
+        nxt = hook._next_due(progress, last)
+        due = [i for i in range(progress + 1, last + 1) if hook._due(i, last)]
+        assert min(nxt, last + 1) == (due[0] if due else last + 1), (progress, nxt, due)
+    hook.by_epoch = True  # an epoch loop saves in after_train_epoch, never per iteration
+    assert hook._next_due(0, last) == float('inf')

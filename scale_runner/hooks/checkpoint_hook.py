@@ -123,6 +123,7 @@ class CheckpointHook(Hook):
         self.last_saved_iter: int | None = None
         self._saved: list[str] = []
         self._training = False
+        self._local, self._next_iter, self._next_time = False, 0, math.inf  # set by before_train
         self.preemption = (PreemptionHook(**(preemption if isinstance(preemption, dict) else {}))
                            if preemption else None)
 
@@ -159,7 +160,7 @@ class CheckpointHook(Hook):
             self.interval = 1 if self.by_epoch else 0
             if not self.by_epoch and self.time_interval is None:
                 self.time_interval = DEFAULT_TIME_INTERVAL
-        self._next_time = time.monotonic() + (self.time_interval or 0)
+        self._next_time = time.monotonic() + self.time_interval if self.time_interval else math.inf
         self._group = None  # for the clock's agreement when no PreemptionHook does it
         if self.time_interval and self.preemption is None and runner.accelerator.num_processes > 1:
             self._group = cpu_group()
@@ -169,6 +170,11 @@ class CheckpointHook(Hook):
         self._publish(runner)
         if self.preemption is not None:
             self.preemption.before_train(runner)
+        # One process and no background save: nothing to agree on or poll per iteration, so
+        # an iteration with nothing due costs three comparisons (the per-step budget, issue 15).
+        self._local = not self.async_save and self._group is None and (
+            self.preemption is None or self.preemption._world == 1)
+        self._next_iter = self._next_due(runner.state.iter, runner.state.max_iters)
 
     def policy(self) -> str:
         """The checkpoint policy in words, e.g. ``every 1000 iterations and at the end, ...``."""
@@ -210,10 +216,18 @@ class CheckpointHook(Hook):
             self._save(runner, runner.epoch)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if (self._local and runner.state.iter < self._next_iter and time.monotonic() < self._next_time
+                and not (self.preemption is not None and self.preemption.signum)):
+            return
+        self._iteration_end(runner)
+
+    def _iteration_end(self, runner) -> None:
+        """A save that is due, late by the clock or asked for by a signal; with several
+        processes, the ranks' agreement on it (every rank, every iteration)."""
         if self.async_save:
             runner.poll_checkpoint()  # a failed background write stops every rank here
         state = runner.state
-        late = int(self.time_interval is not None and time.monotonic() >= self._next_time)
+        late = int(time.monotonic() >= self._next_time)
         preemption, signum = self.preemption, 0
         if preemption is not None:  # one agreement for both (several processes only)
             signum, late = preemption.agree(late) if preemption._world > 1 else (preemption.signum, late)
@@ -223,8 +237,19 @@ class CheckpointHook(Hook):
             self._save(runner, state.iter)
         elif late:  # an epoch loop: the clock's checkpoint is named by its iteration
             self._save(runner, state.iter, 'iter_{}')
+        self._next_iter = self._next_due(state.iter, state.max_iters)
         if signum:
             self.preemption.preempt(runner, signum)
+
+    def _next_due(self, progress: int, last: int | None) -> float:
+        """The first iteration after ``progress`` at which :meth:`_due` holds (``inf``: none,
+        or an epoch loop, which saves in ``after_train_epoch``)."""
+        if self.by_epoch:
+            return math.inf
+        begin, every = self.save_begin, self.interval
+        due = math.inf if every <= 0 else begin if progress < begin else (
+            begin + ((progress - begin) // every + 1) * every)
+        return min(due, last) if self.save_last and last is not None and progress < last else due
 
     def _due(self, progress: int, last: int | None) -> bool:
         if progress < self.save_begin:
