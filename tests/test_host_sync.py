@@ -101,10 +101,14 @@ def test_default_hooks_read_nothing_between_log_lines(tmp_path):
 
 
 def test_the_counter_sees_a_host_read(tmp_path):
-    """The same run with a non-fused optimizer: NanGuardHook reads the loss on the host every
-    step, and the counter sees it (so the test above can fail). (torch's non-fused AdamW also
-    reads its step count, a CPU tensor by design: no device sync.)"""
-    runner, counter = train_counting(tmp_path, optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.05)))
+    """The same run with a non-fused optimizer and the host check (a CPU's default; asked for,
+    so that a GPU runs it too): NanGuardHook reads the loss on the host every step, and the
+    counter sees it (so the test above can fail). (torch's non-fused AdamW also reads its step
+    count, a CPU tensor by design: no device sync.)"""
+    runner, counter = train_counting(tmp_path, optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.05)),
+                                     default_hooks=dict(logger=dict(interval=LOG_EVERY),
+                                                        checkpoint=dict(interval=-1),
+                                                        nan_guard=dict(device_flag=False)))
     assert not runner.get_hook('NanGuardHook').on_device
     guard = [c for c in counter.calls if 'nan_guard_hook' in c]
     assert len(guard) == 40 - 40 // LOG_EVERY, counter.calls[:2]
@@ -112,9 +116,12 @@ def test_the_counter_sees_a_host_read(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-def test_no_cuda_sync_between_log_lines(tmp_path):
+@pytest.mark.parametrize('optim', [fused_adamw(), dict(optimizer=dict(type='AdamW', lr=0.05, foreach=True))],
+                         ids=['fused', 'foreach'])
+def test_no_cuda_sync_between_log_lines(tmp_path, optim):
     """On a GPU: torch's sync debug mode raises on any synchronizing call in the iterations
-    that log no line (the data is on the device already, so no host-to-device copy either)."""
+    that log no line (the data is on the device already, so no host-to-device copy either),
+    with a fused optimizer (the flag gates it) and a foreach one (not gated)."""
     class OnDevice(torch.utils.data.Dataset):
         def __init__(self, n):
             base = RegressionData(n)
@@ -143,7 +150,7 @@ def test_no_cuda_sync_between_log_lines(tmp_path):
             torch.cuda.set_sync_debug_mode(0)
 
     try:
-        runner = Runner(**parts(tmp_path, custom_hooks=[Strict(), Relax()],
+        runner = Runner(**parts(tmp_path, custom_hooks=[Strict(), Relax()], optim_wrapper=optim,
                                 train_dataloader=dict(dataset=OnDevice(320), batch_size=8,
                                                       sampler=dict(type='DefaultSampler', shuffle=False))))
         runner.train()
@@ -221,6 +228,41 @@ def test_host_path_where_the_flag_cannot_gate(tmp_path):
         runner.close()
     with pytest.raises(Exception, match='check_interval must be a positive int'):
         NanGuardHook(check_interval=0)
+
+
+def test_device_flag_with_an_optimizer_it_cannot_gate(tmp_path):
+    """``device_flag=True`` with plain SGD (what a GPU run gets by default): no host read per
+    step; the NaN at iteration 6 is reported at the read at 8, saying the updates went on, and
+    the flag is read before every save, so no checkpoint holds the non-finite weights."""
+    sgd = dict(optimizer=dict(type='SGD', lr=0.1))
+    model = Poisoned(bad={6})
+    runner = Runner(**parts(tmp_path / 'late', model=model, iters=12, optim_wrapper=sgd, default_hooks=dict(
+        logger=None, checkpoint=dict(interval=-1), nan_guard=dict(check_interval=4, device_flag=True))))
+    with pytest.raises(NonFiniteLossError, match=r'iteration 6 \[rank 0: NaN\] .*read at iteration 8: '
+                                                 r'the updates since were made'):
+        runner.train()
+    assert runner.get_hook('NanGuardHook').on_device and runner.iter == 8
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # not gated: updated
+    runner.close()
+    model = Poisoned(bad={6})
+    runner = Runner(**parts(tmp_path / 'saves', model=model, iters=12, optim_wrapper=sgd, default_hooks=dict(
+        logger=None, checkpoint=dict(interval=1, max_keep_ckpts=-1), nan_guard=dict(device_flag=True))))
+    with pytest.raises(NonFiniteLossError, match=r'iteration 6 \[rank 0: NaN\] \(seen on rank 0\)'):
+        runner.train()
+    saved = (tmp_path / 'saves' / 'checkpoints').iterdir()
+    assert sorted(p.name for p in saved if p.name.startswith('iter_')) == [f'iter_{i}' for i in range(1, 6)]
+    runner.close()
+
+
+def test_device_flag_false_keeps_the_host_check(tmp_path):
+    runner = Runner(**parts(tmp_path, iters=4, default_hooks=dict(
+        logger=None, checkpoint=None, nan_guard=dict(device_flag=False))))
+    runner.train()
+    assert not runner.get_hook('NanGuardHook').on_device  # fused AdamW, but asked for the host
+    runner.close()
+    for bad in ('yes', 1, 1.0):
+        with pytest.raises(Exception, match=r"nan_guard\.device_flag must be None .*got " + repr(bad)):
+            NanGuardHook(device_flag=bad)
 
 
 @pytest.mark.slow

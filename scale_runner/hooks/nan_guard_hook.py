@@ -30,19 +30,26 @@ class NanGuardHook(Hook):
       window is dropped), count it (``nan_skips``, logged with the losses) and log a warning. More than
       ``max_consecutive`` bad losses in a row raise.
 
-    **On the device** (``'raise'`` with an optimizer that takes ``found_inf``: torch's
-    ``fused=True`` Adam, AdamW, SGD, Adagrad; no fp16 loss scaler; one process or DDP): no host
-    read per step. Each loss sets a device flag (two tiny in-place kernels) that the optimizer receives
-    as ``found_inf``, as from a grad scaler: from the first bad loss on, every update is a
-    no-op on the device (weights, moments and step counts untouched). The host reads the flag
-    every ``check_interval`` iterations (default: the logger's interval, else 50), before every
-    checkpoint save and validation, and at the end of training, and then raises naming the
-    *first* bad iteration: the report comes at most ``check_interval`` iterations late, with no
-    update made in between. With several processes the flag is max-all-reduced per step (a
-    device-side collective with NCCL: it does not block the host), since DDP shares gradients.
+    **On the device** (``'raise'``; no fp16 loss scaler; one process or DDP; ``device_flag``
+    below): no host read per step. Each loss sets a device flag (two tiny in-place kernels).
+    The host reads the flag every ``check_interval`` iterations (default: the logger's interval,
+    else 50), before every checkpoint save and validation, and at the end of training, and then
+    raises naming the *first* bad iteration: the report comes at most ``check_interval``
+    iterations late, and nothing is saved after it. An optimizer that takes ``found_inf``
+    (torch's ``fused=True`` Adam, AdamW, SGD, Adagrad) receives the flag, as from a grad
+    scaler: from the first bad loss on every update is a no-op on the device (weights, moments
+    and step counts untouched). Other optimizers keep updating until the read, so the weights
+    in memory of the stopped run are not finite (the checkpoints before it are). With several
+    processes the flag is max-all-reduced per step (a device-side collective with NCCL: it
+    does not block the host), since DDP shares gradients.
 
-    **On the host** (``'skip'``, and ``'raise'`` with other optimizers, a loss scaler, FSDP or
-    DeepSpeed): one read of the loss per step (``loss.item()``, a device sync on the GPU) and
+    ``device_flag``: ``None`` (default) uses the flag with a fused optimizer, and on an
+    accelerator (GPU) with any optimizer, where a host read per step would wait for the
+    device every iteration; on a CPU the host read costs nothing and stays. ``True``: the flag
+    wherever it can run (also on a CPU); ``False``: the host read per step.
+
+    **On the host** (``'skip'``, and ``'raise'`` on a CPU with other optimizers, with a loss
+    scaler, FSDP or DeepSpeed, or ``device_flag=False``): one read of the loss per step (``loss.item()``, a device sync on the GPU) and
     ``math.isfinite``; with several processes the losses of all ranks are first summed into one
     small vector (one all-reduce), so every rank takes the same decision. ``'skip'`` stays here
     because the update counter, schedulers, EMA and the accumulation window are decided on the
@@ -53,7 +60,11 @@ class NanGuardHook(Hook):
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, mode: str = 'raise', max_consecutive: int = 10, check_interval: int | None = None):
+    def __init__(self, mode: str = 'raise', max_consecutive: int = 10, check_interval: int | None = None,
+                 device_flag: bool | None = None):
+        if device_flag is not None and not isinstance(device_flag, bool):
+            raise ConfigError(f'default_hooks.nan_guard.device_flag must be None (the flag on a GPU or '
+                              f'with a fused optimizer), True or False, got {device_flag!r}')
         if mode not in ('raise', 'skip'):
             raise ConfigError(f"default_hooks.nan_guard.mode must be 'raise' or 'skip', got {mode!r}")
         if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 0:
@@ -67,6 +78,7 @@ class NanGuardHook(Hook):
         self.mode = mode
         self.max_consecutive = max_consecutive
         self.check_interval = check_interval
+        self.device_flag = device_flag
         self.on_device = False  # this run's check: the device flag (True) or a host read per step
         self._every = 50        # iterations between the host's reads of the device flag
         self._found = None      # the device flag (float 0/1), the optimizer's found_inf
@@ -86,8 +98,11 @@ class NanGuardHook(Hook):
         acc = runner.accelerator
         self._world, self._rank = acc.num_processes, acc.process_index
         wrapper = runner.optim_wrapper
-        self._gated = self._gate(runner, wrapper) if self.mode == 'raise' else None
-        self.on_device = self._gated is not None
+        flaggable = self.mode == 'raise' and self.device_flag is not False and _flaggable(runner, wrapper)
+        self._gated = _gate(wrapper) if flaggable else None
+        device = getattr(acc, 'device', None)
+        self.on_device = flaggable and (self._gated is not None or self.device_flag is True
+                                        or getattr(device, 'type', 'cpu') != 'cpu')
         self._found, self._seen, self._state = None, [], runner.state
         if self.on_device:
             logger = runner.get_hook('LoggerHook')
@@ -106,20 +121,6 @@ class NanGuardHook(Hook):
             runner.optim_wrapper.loss_guard = None
         self._runner = None
 
-    @staticmethod
-    def _gate(runner, wrapper):
-        """The torch optimizer a device flag can gate (its ``step`` takes ``found_inf``), or None."""
-        from ..optim import FAST_TYPES, OptimWrapper
-        acc = runner.accelerator
-        if (not isinstance(wrapper, OptimWrapper) or acc is None or acc.scaler is not None
-                or acc.distributed_type not in FAST_TYPES or wrapper._sharded is not None):
-            return None
-        opt = getattr(wrapper.optimizer, 'optimizer', wrapper.optimizer)  # inside Accelerate's wrapper
-        if (not getattr(opt, '_step_supports_amp_scaling', False)
-                or getattr(opt, 'found_inf', None) is not None):
-            return None  # not a fused torch optimizer, or a grad scaler's flag is there already
-        return opt
-
     def _release(self) -> None:
         if self._gated is not None and getattr(self._gated, 'found_inf', None) is self._found:
             del self._gated.found_inf
@@ -127,13 +128,14 @@ class NanGuardHook(Hook):
 
     # ---- the device flag (called by OptimWrapper.update_params before backward) --------------
     def flag(self, loss: torch.Tensor, iteration: int | None = None) -> bool:
-        """Fold ``loss``'s finiteness into the device flag that gates every later update; no
-        host read. Always True: the optimizer skips the update on the device."""
+        """Fold ``loss``'s finiteness into the device flag (which a fused optimizer's updates
+        are gated by); no host read. Always True: the host learns of it at the next read."""
         self._checked = True
         found = self._found
         if found is None:  # the first loss: the flag lives on its device
             found = self._found = torch.zeros((), dtype=torch.float32, device=loss.device)
-            self._gated.found_inf = found  # read by the fused step, as a grad scaler's is
+            if self._gated is not None:
+                self._gated.found_inf = found  # read by the fused step, as a grad scaler's is
         loss = loss.detach()
         # found + 0 * loss is NaN for a NaN or +-Inf loss, then 1; once 1, it stays 1 (later
         # updates are gated too). Two in-place kernels: a third of isfinite's cost on a CPU.
@@ -161,9 +163,11 @@ class NanGuardHook(Hook):
         first = min(r[0] for r in ranks if r is not None)
         epoch = next(r[1] for r in ranks if r is not None and r[0] == first)
         losses = [r[2] if r is not None and r[0] == first else 0.0 for r in ranks]
-        checked = self._state.iter
+        checked, gated = self._state.iter, self._gated is not None
         self._release()
-        late = f'; read at iteration {checked}: no update since' if checked > first else ''
+        late = (f'; read at iteration {checked}: ' + ('no update since' if gated else
+                'the updates since were made, the weights in memory are not finite')
+                if checked > first else '')
         self._bad(losses, first, epoch=epoch, late=late)
 
     # ---- the host check (called by OptimWrapper.update_params before backward) ----------------
@@ -260,6 +264,24 @@ class NanGuardHook(Hook):
     def load_state_dict(self, state: dict) -> None:
         self.nan_skips = int(state.get('nan_skips', 0))
         self.consecutive = int(state.get('consecutive', 0))
+
+
+def _flaggable(runner, wrapper) -> bool:
+    """Whether the device flag can replace the host check: the built-in wrapper with no fp16
+    loss scaler, one process or DDP (not FSDP or DeepSpeed)."""
+    from ..optim import FAST_TYPES, OptimWrapper
+    acc = runner.accelerator
+    return (isinstance(wrapper, OptimWrapper) and acc is not None and acc.scaler is None
+            and acc.distributed_type in FAST_TYPES and wrapper._sharded is None)
+
+
+def _gate(wrapper):
+    """The torch optimizer the flag can gate (its ``step`` takes ``found_inf``), or None."""
+    opt = getattr(wrapper.optimizer, 'optimizer', wrapper.optimizer)  # inside Accelerate's wrapper
+    if (not getattr(opt, '_step_supports_amp_scaling', False)
+            or getattr(opt, 'found_inf', None) is not None):
+        return None  # not a fused torch optimizer, or a grad scaler's flag is there already
+    return opt
 
 
 def _checks_every_loss(runner) -> bool:
