@@ -49,13 +49,13 @@ class NanGuardHook(Hook):
     wherever it can run (also on a CPU); ``False``: the host read per step.
 
     **On the host** (``'skip'``, and ``'raise'`` on a CPU with other optimizers, with a loss
-    scaler, FSDP or DeepSpeed, or ``device_flag=False``): one read of the loss per step (``loss.item()``, a device sync on the GPU) and
-    ``math.isfinite``; with several processes the losses of all ranks are first summed into one
-    small vector (one all-reduce), so every rank takes the same decision. ``'skip'`` stays here
-    because the update counter, schedulers, EMA and the accumulation window are decided on the
-    host and must know, before they act, that the update is dropped. A custom ``train_step``
-    that bypasses ``update_params`` is checked after the step (``'raise'`` only: the update is
-    done).
+    scaler, FSDP or DeepSpeed, or ``device_flag=False``): one read of the loss per step
+    (``loss.item()``, a device sync on the GPU) and ``math.isfinite``; with several processes
+    the losses of all ranks are first summed into one small vector (one all-reduce), so every
+    rank takes the same decision. ``'skip'`` stays here because the update counter, schedulers,
+    EMA and the accumulation window are decided on the host and must know, before they act,
+    that the update is dropped. A custom ``train_step`` that bypasses ``update_params`` is
+    checked after the step (``'raise'`` only: the update is done).
     """
 
     priority = 'VERY_HIGH'
@@ -137,8 +137,8 @@ class NanGuardHook(Hook):
             if self._gated is not None:
                 self._gated.found_inf = found  # read by the fused step, as a grad scaler's is
         loss = loss.detach()
-        # found + 0 * loss is NaN for a NaN or +-Inf loss, then 1; once 1, it stays 1 (later
-        # updates are gated too). Two in-place kernels: a third of isfinite's cost on a CPU.
+        # found + 0 * loss is NaN for a NaN or +-Inf loss, then 1; once 1, it stays 1 (a fused
+        # optimizer's later updates are gated too). Two in-place kernels: a third of isfinite's cost on a CPU.
         found.add_(loss if not loss.dim() else loss.sum(), alpha=0).nan_to_num_(nan=1.0)
         if self._world > 1:  # DDP's averaged gradients carry any rank's NaN: every rank gates
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
