@@ -219,10 +219,11 @@ def test_device_flag_read_at_the_end_of_training(tmp_path):
 
 
 def test_host_path_where_the_flag_cannot_gate(tmp_path):
-    """'skip' mode and optimizers without found_inf keep the per-step host check."""
+    """'skip' mode, and on a CPU optimizers without found_inf, keep the per-step host check."""
     for mode, optim in (('skip', fused_adamw()), ('raise', dict(optimizer=dict(type='SGD', lr=0.1)))):
-        runner = Runner(**parts(tmp_path / mode, iters=4, optim_wrapper=optim, default_hooks=dict(
-            logger=None, checkpoint=None, nan_guard=dict(mode=mode))))
+        hooks = dict(logger=None, checkpoint=None, nan_guard=dict(mode=mode))
+        runner = Runner(**parts(tmp_path / mode, iters=4, optim_wrapper=optim, accelerator=dict(cpu=True),
+                                default_hooks=hooks))
         runner.train()
         assert not runner.get_hook('NanGuardHook').on_device
         runner.close()
@@ -231,9 +232,10 @@ def test_host_path_where_the_flag_cannot_gate(tmp_path):
 
 
 def test_device_flag_with_an_optimizer_it_cannot_gate(tmp_path):
-    """``device_flag=True`` with plain SGD (what a GPU run gets by default): no host read per
-    step; the NaN at iteration 6 is reported at the read at 8, saying the updates went on, and
-    the flag is read before every save, so no checkpoint holds the non-finite weights."""
+    """``device_flag=True`` with plain SGD (as a GPU run gets with a foreach or non-torch
+    optimizer): no host read per step; the NaN at iteration 6 is reported at the read at 8,
+    saying the updates went on, and the flag is read before every save, so no checkpoint
+    holds the non-finite weights."""
     sgd = dict(optimizer=dict(type='SGD', lr=0.1))
     model = Poisoned(bad={6})
     runner = Runner(**parts(tmp_path / 'late', model=model, iters=12, optim_wrapper=sgd, default_hooks=dict(

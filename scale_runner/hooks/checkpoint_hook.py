@@ -237,7 +237,8 @@ class CheckpointHook(Hook):
             self._save(runner, state.iter)
         elif late:  # an epoch loop: the clock's checkpoint is named by its iteration
             self._save(runner, state.iter, 'iter_{}')
-        self._next_iter = self._next_due(state.iter, state.max_iters)
+        if self._local:  # the fast path's bound (several processes come here every iteration)
+            self._next_iter = self._next_due(state.iter, state.max_iters)
         if signum:
             self.preemption.preempt(runner, signum)
 
