@@ -64,9 +64,14 @@ def mlp():
                                torch.nn.Linear(HIDDEN, DIM))
 
 
-def loader(ds):
+def loader(ds, shuffle: bool = False):
+    """Batches of ``BATCH`` in order, or (``shuffle``) in a new random order each pass, drawn
+    from a generator of its own (the global RNG is left to the model)."""
     import torch
-    return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False)
+    if not shuffle:
+        return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False)
+    return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True,
+                                       generator=torch.Generator().manual_seed(SEED))
 
 
 # ---- MMEngine ---------------------------------------------------------------------------------

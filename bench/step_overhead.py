@@ -46,7 +46,11 @@ Modes:
   loop is timed, so all three see the same moments of the machine; reported: the median and
   quartiles of the per-chunk ratios to the plain chunk next to it, and the ratio of the sums;
   and, per sixth of the run, the median ratio relative to the first sixth (flat cost with the
-  VM's drift divided out: ``--paired --steps 30000``).
+  VM's drift divided out: ``--paired --steps 30000``). With ``--defaults`` the runner's
+  sampler shuffles (its default), so the baselines read their batches in a random order too
+  (their own seeded generator): rows gathered from all over a dataset larger than the caches
+  cost the plain step 5-8 % here, the same for every loop; the plain loop reading in order is
+  timed beside them (``plain, in order``), for reference.
   The probe costs scale_runner one generator step per batch (the baselines' batch cycle
   costs the same); ``--hook-probe`` pauses from a lowest-priority ``after_train_iter`` hook
   instead (the probe until 2026-12-02), whose call per iteration is charged to scale_runner.
@@ -494,6 +498,7 @@ def flat_mode(keys: list[str], steps: int) -> None:
 
 
 CHUNK = 100
+IN_ORDER = 'plain, in order'  # --paired --defaults: the plain loop without shuffling
 
 
 def paired_mode(steps: int, defaults: bool = False, hook_probe: bool = False) -> None:
@@ -522,6 +527,8 @@ def paired_mode(steps: int, defaults: bool = False, hook_probe: bool = False) ->
         return chunk
 
     times = {'scale_runner': [], 'plain': [], 'accelerate loop': []}
+    if defaults:
+        times[IN_ORDER] = []
 
     def pause() -> None:
         """End scale_runner's chunk, run one chunk of each baseline (alternating which goes
@@ -557,14 +564,23 @@ def paired_mode(steps: int, defaults: bool = False, hook_probe: bool = False) ->
         priority = 'LOWEST'  # after every other hook: the last chunk holds the final checkpoint
 
         def before_train(self, runner):
+            # Defaults: the runner's DefaultSampler shuffles, so the baselines read their
+            # batches in random order too (scattered rows cost several % of this step, see
+            # bench/README); the plain loop in order is timed beside them, for reference.
             model = _peers.mlp()
             self.loops = {'plain': baseline(model, optimizer(model.parameters(), lr=LR),
-                                            _peers.loader(_peers.dataset(steps)), torch.Tensor.backward)}
+                                            _peers.loader(_peers.dataset(steps), defaults),
+                                            torch.Tensor.backward)}
             acc = runner.accelerator  # a hand-written loop on the same Accelerator
             model = _peers.mlp()
             prepared = acc.prepare(model, optimizer(model.parameters(), lr=LR),
-                                   _peers.loader(_peers.dataset(steps)))
+                                   _peers.loader(_peers.dataset(steps), defaults))
             self.loops['accelerate loop'] = baseline(*prepared, acc.backward)
+            if defaults:
+                model = _peers.mlp()
+                self.loops[IN_ORDER] = baseline(model, optimizer(model.parameters(), lr=LR),
+                                                _peers.loader(_peers.dataset(steps)),
+                                                torch.Tensor.backward)
             if not hook_probe:
                 runner.train_loop.dataloader = Chunked(runner.train_loop.dataloader)
             self.mark = time.perf_counter()
@@ -583,7 +599,8 @@ def paired_mode(steps: int, defaults: bool = False, hook_probe: bool = False) ->
     pair = Pair()
     _scale_runner(_peers.dataset(steps), Work(steps), [pair], defaults=defaults).train()
     plain = times['plain']
-    what = ('defaults: iteration loop, SGD, default hooks, INFO' if defaults
+    what = ('defaults: iteration loop, SGD, default hooks, INFO, shuffled batches (the '
+            'baselines shuffle too)' if defaults
             else 'tuned: epoch loop, AdamW, logger every 10, checkpoint at the end, WARNING')
     print(f'{steps} steps of each loop in {len(plain)} paired chunks of {CHUNK} steps, one '
           f'process; scale_runner {what}')
@@ -599,7 +616,7 @@ def paired_mode(steps: int, defaults: bool = False, hook_probe: bool = False) ->
         # per sixth of the run, relative to the first sixth.
         n = len(plain) // 6
         print('per sixth of the run: median ratio to plain (relative to the first sixth)')
-        for name in ('scale_runner', 'accelerate loop'):
+        for name in [k for k in times if k != 'plain']:
             ratios = [v / b for v, b in zip(times[name], plain)]
             meds = [statistics.median(ratios[i * n:(i + 1) * n]) for i in range(6)]
             print(f'  {name:<16} ' + '  '.join(f'{m:.3f} ({m / meds[0]:.3f})' for m in meds))
@@ -672,7 +689,7 @@ def pieces_mode(steps: int, defaults: bool = False) -> None:
         def before_train(self, runner):
             model = _peers.mlp()
             opt = (torch.optim.SGD if defaults else torch.optim.AdamW)(model.parameters(), lr=LR)
-            plain_batches = iter(_peers.loader(_peers.dataset(steps)))
+            plain_batches = iter(_peers.loader(_peers.dataset(steps), shuffle=defaults))
             loop, state, call = runner.train_loop, runner.state, runner.call_hook
             step, ow = train_step_of(runner.model), runner.optim_wrapper
             after = [bind_point(h, 'after_train_iter', runner) for h in runner.hooks
@@ -741,7 +758,8 @@ def main():
                    help="instead: each part of scale_runner's step, timed in place")
     p.add_argument('--defaults', action='store_true',
                    help='with --paired or --pieces: scale_runner as configured by nobody (iteration '
-                        'loop, SGD, default hooks, INFO; the baselines use SGD too)')
+                        'loop, SGD, default hooks, INFO, shuffled batches; the baselines use SGD '
+                        'and shuffle too)')
     p.add_argument('--paired', action='store_true',
                    help='instead: scale_runner, plain and Accelerate loops in paired chunks in one process')
     p.add_argument('--hook-probe', action='store_true',
