@@ -21,7 +21,10 @@ Variants (``--variants``, comma-separated; ``plain`` always runs, as the baselin
 ``scale_runner`` (``Runner.train()`` with its default hooks: logger every 10 iterations,
 checkpoint at the end), ``scale_runner+idle`` (the same with 20 hooks that implement only
 ``before_train``), ``scale_runner-nan_guard`` (the default hooks without NanGuardHook, whose
-per-step host read of the loss is a device sync on a GPU), ``mmengine`` (MMEngine's
+per-step host read of the loss is a device sync on a GPU), ``scale_runner-defaults`` (a
+run that configures nothing: an iteration loop, SGD, shuffled batches; here against the plain
+loop in order, so its ratio includes the data order's cost: ``--paired --defaults`` compares
+it with loops that shuffle too), ``mmengine`` (MMEngine's
 ``Runner`` with its default hooks, logger every 10, checkpoint at the end), ``lightning`` (a
 bare ``Trainer``: no progress bar, logger, checkpointing or model summary) and
 ``lightning-defaults`` (the Trainer's default progress bar, logger and checkpointing,
