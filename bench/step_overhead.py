@@ -52,7 +52,7 @@ Modes:
   VM's drift divided out: ``--paired --steps 30000``). With ``--defaults`` the runner's
   sampler shuffles (its default), so the baselines read their batches in a random order too
   (their own seeded generator): rows gathered from all over a dataset larger than the caches
-  cost the plain step 5-8 % here, the same for every loop; the plain loop reading in order is
+  cost a plain step 5-9 % here (bench/README); the plain loop reading in order is
   timed beside them (``plain, in order``), for reference.
   The probe costs scale_runner one generator step per batch (the baselines' batch cycle
   costs the same); ``--hook-probe`` pauses from a lowest-priority ``after_train_iter`` hook
