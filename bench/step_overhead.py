@@ -570,20 +570,16 @@ def paired_mode(steps: int, defaults: bool = False, hook_probe: bool = False) ->
             # Defaults: the runner's DefaultSampler shuffles, so the baselines read their
             # batches in random order too (scattered rows cost several % of this step, see
             # bench/README); the plain loop in order is timed beside them, for reference.
-            model = _peers.mlp()
-            self.loops = {'plain': baseline(model, optimizer(model.parameters(), lr=LR),
-                                            _peers.loader(_peers.dataset(steps), defaults),
-                                            torch.Tensor.backward)}
-            acc = runner.accelerator  # a hand-written loop on the same Accelerator
-            model = _peers.mlp()
-            prepared = acc.prepare(model, optimizer(model.parameters(), lr=LR),
-                                   _peers.loader(_peers.dataset(steps), defaults))
-            self.loops['accelerate loop'] = baseline(*prepared, acc.backward)
-            if defaults:
+            def parts(shuffle: bool):
                 model = _peers.mlp()
-                self.loops[IN_ORDER] = baseline(model, optimizer(model.parameters(), lr=LR),
-                                                _peers.loader(_peers.dataset(steps)),
-                                                torch.Tensor.backward)
+                return (model, optimizer(model.parameters(), lr=LR),
+                        _peers.loader(_peers.dataset(steps), shuffle=shuffle))
+
+            self.loops = {'plain': baseline(*parts(defaults), torch.Tensor.backward)}
+            acc = runner.accelerator  # a hand-written loop on the same Accelerator
+            self.loops['accelerate loop'] = baseline(*acc.prepare(*parts(defaults)), acc.backward)
+            if defaults:
+                self.loops[IN_ORDER] = baseline(*parts(False), torch.Tensor.backward)
             if not hook_probe:
                 runner.train_loop.dataloader = Chunked(runner.train_loop.dataloader)
             self.mark = time.perf_counter()
